@@ -1,0 +1,56 @@
+"""Reading an offline W&B run back from its files, without an account or network.
+
+wandb stores an offline run as a binary transaction log (``run-<id>.wandb``); its own command
+``wandb leet inspect --json`` decodes it into one JSON record per line. This wraps that command, so tests and
+scripts can check what a run logged before (or instead of) ``wandb sync``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from robustattr.errors import RobustAttrError
+
+
+@dataclass
+class OfflineRun:
+    path: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def values(self, key: str) -> list[Any]:
+        """Every logged value of ``key``, in step order."""
+        return [row[key] for row in self.history if key in row]
+
+
+def find_offline_runs(save_dir: str | Path) -> list[Path]:
+    """The ``run-*.wandb`` files under ``save_dir`` (the WandbLogger ``save_dir``), oldest first."""
+    return sorted(Path(save_dir).glob("**/offline-run-*/run-*.wandb"))
+
+
+def read_offline_run(path: str | Path, timeout: float = 120.0) -> OfflineRun:
+    """Decode an offline run (its ``.wandb`` file or run folder) into config, history rows and summary."""
+    path = Path(path)
+    cmd = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise RobustAttrError(f"{path}: cannot read the W&B run: {proc.stderr.strip()[:500]}")
+    run = OfflineRun(path)
+    for line in proc.stdout.splitlines():
+        if not line.startswith("{"):
+            continue
+        record = json.loads(line)
+        kind = record.get("type")
+        if kind == "config":
+            run.config.update(record["config"]["update"])
+        elif kind == "history":
+            run.history.append(record["history"]["item"])
+        elif kind == "summary":
+            run.summary.update(record["summary"].get("update", {}))
+    return run
