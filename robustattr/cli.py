@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytorch_lightning as pl
 import yaml
@@ -52,6 +52,8 @@ class RunConfig(SaveConfigCallback):
         self.config_dict: dict[str, Any] = dumped
 
     def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.fast_dev_run:  # a smoke test: no run directory, nothing to save
+            return
         folder = run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         self.parser.save(self.config, str(folder / self.config_filename), skip_none=False, overwrite=True)
@@ -60,6 +62,20 @@ class RunConfig(SaveConfigCallback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         checkpoint[CONFIG_KEY] = self.config_dict
+
+
+class RobustArgumentParser(LightningArgumentParser):
+    """Reports a config error as the message alone (the key and what is wrong with it), without the usage
+    screen of several hundred options that argparse would print first."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:
+            super().error(message, ex)
+        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.write(
+            f"tip: `{self.prog} --help` lists the accepted options, `--print_config` the resolved config\n"
+        )
+        raise SystemExit(2)
 
 
 class RobustCLI(LightningCLI):
@@ -73,12 +89,10 @@ class RobustCLI(LightningCLI):
             auto_configure_optimizers=False,  # the optimizer is a RobustClassifier argument, not a CLI group
             run=False,
             args=args,
+            parser_class=RobustArgumentParser,
             parser_kwargs={"description": "Train a robustattr classifier from a YAML config."},
             **kwargs,
         )
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.set_defaults({"data": {"class_path": "robustattr.data.DigitsDataModule"}})
 
 
 def fit_and_test(cli: RobustCLI) -> dict[str, Any]:
@@ -93,7 +107,16 @@ def fit_and_test(cli: RobustCLI) -> dict[str, Any]:
         "run_dir": str(run_dir(trainer)),
     }
     _print_summary(trainer, summary)
+    _finish_wandb(trainer)
     return summary
+
+
+@rank_zero_only
+def _finish_wandb(trainer: pl.Trainer) -> None:
+    """Close the W&B run (Lightning leaves it open), so its files are complete when train.py returns."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 @rank_zero_only

@@ -8,6 +8,7 @@ size (ImageNet weights, CIFAR head) is left at its fresh initialisation.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,7 +51,8 @@ class TimmNet(_NamedNet):
 
     ``activation`` replaces every piecewise-linear activation (e.g. ``torch.nn.Softplus`` with a beta);
     ``fused_attn=False`` (the default) keeps attention differentiable twice. ``mean``/``std`` default to the
-    model's pretrained configuration in timm.
+    model's pretrained configuration in timm. ``model_kwargs`` go to ``timm.create_model`` (``img_size``,
+    ``drop_rate``, ...).
     """
 
     def __init__(
@@ -64,12 +66,15 @@ class TimmNet(_NamedNet):
         fused_attn: bool = False,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
+        model_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         import timm
 
         self.num_classes = num_classes
-        self.model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels)
+        self.model = timm.create_model(
+            name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **(model_kwargs or {})
+        )
         cfg = getattr(self.model, "pretrained_cfg", None) or {}
         self.normalize = Normalize(mean or cfg.get("mean", IMAGENET_MEAN), std or cfg.get("std", IMAGENET_STD))
         if not fused_attn:
