@@ -153,6 +153,7 @@ def _train_py(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "override, key",
     [
@@ -169,6 +170,7 @@ def test_config_errors_fail_early_and_name_the_key(override, key):
     assert "Traceback" not in proc.stderr and "usage:" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_unknown_key_in_yaml_file_is_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  net:\n    class_path: robustattr.models.SmallCNN\n  learning_rate: 0.1\n")

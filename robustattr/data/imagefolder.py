@@ -1,0 +1,125 @@
+"""ImageFolder datasets (ImageNet and any `root/<split>/<class>/<image>` tree) with the standard transforms.
+
+Under DDP, Lightning inserts a DistributedSampler into these loaders, so each process reads its own shard.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from robustattr.errors import ConfigError, DatasetNotFoundError
+
+
+class ImageFolderDataModule(pl.LightningDataModule):
+    """Train on ``root/train_dir``, validate on ``root/val_dir``, test on ``root/test_dir`` (default: val).
+
+    Training: RandomResizedCrop(image_size) + horizontal flip; evaluation: Resize(resize_size) +
+    CenterCrop(image_size). Images in [0, 1].
+    """
+
+    display_name = "ImageFolder dataset"
+    how_to_get = "Put the images in class folders: <root>/<split>/<class name>/<image file>."
+
+    def __init__(
+        self,
+        root: str,
+        train_dir: str = "train",
+        val_dir: str = "val",
+        test_dir: str | None = None,
+        image_size: int = 224,
+        resize_size: int = 256,
+        batch_size: int = 256,
+        eval_batch_size: int | None = None,
+        num_workers: int = 8,
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__()
+        if resize_size < image_size:
+            raise ConfigError(f"resize_size ({resize_size}) must be at least image_size ({image_size})")
+        self.root = Path(root)
+        self.split_dirs = {"train": train_dir, "val": val_dir, "test": test_dir or val_dir}
+        self.image_size = image_size
+        self.resize_size = resize_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.splits: dict[str, datasets.ImageFolder] = {}
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        return len(self.splits["train"].classes)
+
+    def _check(self) -> None:
+        for split, name in self.split_dirs.items():
+            folder = self.root / name
+            if not folder.is_dir() or not any(p.is_dir() for p in folder.iterdir()):
+                raise DatasetNotFoundError(
+                    f"{self.display_name} not found: {folder} (the {split} split) is missing or has no class "
+                    f"folders. {self.how_to_get} Set `--data.init_args.root` to the folder that holds "
+                    f"'{self.split_dirs['train']}/' and '{self.split_dirs['val']}/'."
+                )
+
+    def prepare_data(self) -> None:
+        self._check()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        self._check()
+        train_tf = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(self.image_size),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+            ]
+        )
+        eval_tf = transforms.Compose(
+            [
+                transforms.Resize(self.resize_size),
+                transforms.CenterCrop(self.image_size),
+                transforms.ToTensor(),
+            ]
+        )
+        for split, name in self.split_dirs.items():
+            self.splits[split] = datasets.ImageFolder(
+                str(self.root / name), transform=train_tf if split == "train" else eval_tf
+            )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        self.setup()
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),  # pinning needs an accelerator
+            persistent_workers=self.num_workers > 0,
+            drop_last=split == "train",
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+class ImageNetDataModule(ImageFolderDataModule):
+    """ILSVRC-2012 as an ImageFolder tree (1000 class folders under train/ and val/)."""
+
+    display_name = "ImageNet (ILSVRC-2012)"
+    how_to_get = (
+        "Download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from https://image-net.org (an account is "
+        "needed), extract them into <root>/train/<wnid>/ and <root>/val/<wnid>/ (the validation images must be "
+        "moved into class folders, e.g. with the valprep.sh script from the PyTorch ImageNet example)."
+    )
