@@ -1,0 +1,51 @@
+"""Attribution-robustness and attack metrics: pure functions (`functional`) and torchmetrics classes."""
+
+from robustattr.metrics import functional
+from robustattr.metrics.classes import (
+    AttackSuccessRate,
+    CenterShift,
+    CosineDistance,
+    KendallTau,
+    LabelKeptRate,
+    PerSampleMean,
+    RobustAccuracy,
+    SpearmanCorrelation,
+    TopKIntersection,
+)
+from robustattr.metrics.functional import (
+    attack_success,
+    center_of_mass,
+    center_shift,
+    cosine_distance,
+    kendall_tau,
+    label_kept,
+    pixel_map,
+    robust_accuracy,
+    spearman,
+    topk_intersection,
+    topk_mask,
+)
+
+__all__ = [
+    "AttackSuccessRate",
+    "CenterShift",
+    "CosineDistance",
+    "KendallTau",
+    "LabelKeptRate",
+    "PerSampleMean",
+    "RobustAccuracy",
+    "SpearmanCorrelation",
+    "TopKIntersection",
+    "attack_success",
+    "center_of_mass",
+    "center_shift",
+    "cosine_distance",
+    "functional",
+    "kendall_tau",
+    "label_kept",
+    "pixel_map",
+    "robust_accuracy",
+    "spearman",
+    "topk_intersection",
+    "topk_mask",
+]
