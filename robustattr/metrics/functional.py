@@ -59,7 +59,7 @@ def kendall_tau(maps_a: torch.Tensor, maps_b: torch.Tensor) -> torch.Tensor:
 
 def center_of_mass(maps: torch.Tensor) -> torch.Tensor:
     """(N, H, W) non-negative maps -> (N, 2) centre of mass as (row, column) in pixels."""
-    n, h, w = maps.shape
+    h, w = maps.shape[1:]
     rows = torch.arange(h, dtype=maps.dtype, device=maps.device)
     cols = torch.arange(w, dtype=maps.dtype, device=maps.device)
     total = maps.sum(dim=(1, 2)).clamp_min(torch.finfo(maps.dtype).tiny)

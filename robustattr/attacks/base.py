@@ -1,0 +1,65 @@
+"""What every attack shares: a gradient context that works under ``no_grad`` and ``inference_mode`` and
+leaves the model as it found it, and the choice of target classes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+
+TargetMode = Literal["none", "random", "least_likely", "runner_up"]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def gradient_context(model: nn.Module) -> Iterator[None]:
+    """Input gradients available (also inside ``torch.inference_mode`` and ``torch.no_grad``, as in Lightning's
+    validate/test), every module in eval mode (BatchNorm statistics frozen, dropout off), and each module's
+    train/eval flag restored on exit. Attacks take gradients with ``torch.autograd.grad`` with respect to
+    inputs only, so parameter ``.grad`` is never touched."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def prepare(model: nn.Module, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Fresh copies on the model's device: normal tensors even when the inputs are inference tensors."""
+    device = model_device(model)
+    return [None if t is None else t.detach().to(device).clone() for t in tensors]
+
+
+def choose_target(
+    mode: TargetMode, logits: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor | None:
+    """Target classes for a targeted attack: a random class other than ``y``, the least-likely class, or the
+    runner-up (the most likely class other than ``y``: a semantically near target)."""
+    if mode == "none":
+        return None
+    num_classes = logits.shape[1]
+    if mode == "random":
+        shift = torch.randint(1, num_classes, y.shape, generator=generator, device=y.device)
+        return (y + shift) % num_classes
+    if mode == "least_likely":
+        return logits.argmin(dim=1)
+    if mode == "runner_up":
+        return logits.scatter(1, y[:, None], float("-inf")).argmax(dim=1)
+    raise ValueError(f"unknown target mode {mode!r}")
+
+
+def generator_for(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)

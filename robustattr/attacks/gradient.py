@@ -1,0 +1,165 @@
+"""FGSM, BIM and PGD: one projected sign/normalised-gradient loop with different defaults.
+
+- FGSM (Goodfellow et al. 2015): one step of size eps from x.
+- BIM / I-FGSM (Kurakin et al. 2017): ``steps`` steps of ``step_size`` from x.
+- PGD (Madry et al. 2018): BIM from a uniform random start in the ball, with optional restarts.
+
+All are batched, untargeted or targeted (a given class, random, least likely, runner-up), optionally stop
+per sample once they succeed, and are seeded (the same seed gives the same adversaries).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustattr.attacks.base import TargetMode, choose_target, generator_for, gradient_context, prepare
+from robustattr.attacks.threat import LinfBall, ThreatModel
+from robustattr.errors import ConfigError
+
+
+class PGD:
+    """Projected gradient descent on the cross-entropy.
+
+    Args:
+        threat: the ball (default ``LinfBall(8/255)``).
+        steps: gradient steps per restart.
+        step_size: step length in the threat model's norm; default ``2.5 * eps / steps`` (2/255 for 10 steps at
+            8/255, the common CIFAR setting).
+        random_start: start from a uniform random point of the ball instead of x.
+        restarts: independent random starts; per sample the best result is kept (a success, else the highest loss).
+        target: ``"none"`` (untargeted), ``"random"``, ``"least_likely"`` or ``"runner_up"``; an explicit
+            ``target`` tensor passed to the call overrides it.
+        early_stop: freeze each sample at its first successful iterate.
+        seed: seed of random starts and random targets.
+    """
+
+    def __init__(
+        self,
+        threat: ThreatModel | None = None,
+        steps: int = 10,
+        step_size: float | None = None,
+        random_start: bool = True,
+        restarts: int = 1,
+        target: TargetMode = "none",
+        early_stop: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if steps < 1 or restarts < 1:
+            raise ConfigError(f"{type(self).__name__}: steps and restarts must be at least 1, got {steps}, {restarts}")
+        if step_size is not None and step_size <= 0:
+            raise ConfigError(f"{type(self).__name__}: step_size must be positive, got {step_size}")
+        self.threat = threat if threat is not None else LinfBall(8 / 255)
+        self.steps = steps
+        self._step_size = step_size
+        self.random_start = random_start
+        self.restarts = restarts
+        self.target = target
+        self.early_stop = early_stop
+        self.seed = seed
+
+    @property
+    def step_size(self) -> float:
+        return self._step_size if self._step_size is not None else 2.5 * self.threat.eps / self.steps
+
+    def with_eps(self, eps: float) -> PGD:
+        """A copy of this attack on a ball of another radius (a default step size scales with it)."""
+        other = type(self).__new__(type(self))
+        other.__dict__.update(self.__dict__, threat=self.threat.with_eps(eps))
+        return other
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.threat}, steps={self.steps}, step_size={self.step_size:.6g}, "
+            f"random_start={self.random_start}, restarts={self.restarts}, target={self.target!r})"
+        )
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        input_device = x.device
+        with gradient_context(model):
+            x, y, target = prepare(model, x, y, target)
+            generator = generator_for(x.device, self.seed)
+            if target is None and self.target != "none":
+                with torch.no_grad():
+                    target = choose_target(self.target, model(x), y, generator)
+            best = best_loss = best_success = None
+            for _ in range(self.restarts):
+                x_adv = self._run(model, x, y, target, generator)
+                if self.restarts == 1:
+                    best = x_adv
+                    break
+                loss, success = self._judge(model, x_adv, y, target)
+                if best is None:
+                    best, best_loss, best_success = x_adv, loss, success
+                    continue
+                # Per sample, a success beats a failure; between equals, the higher loss wins.
+                better = (success & ~best_success) | ((success == best_success) & (loss > best_loss))
+                best = torch.where(better.view(-1, *[1] * (x.dim() - 1)), x_adv, best)
+                best_loss = torch.where(better, loss, best_loss)
+                best_success = best_success | success
+        return best.detach().to(input_device)
+
+    def _success(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+        pred = logits.argmax(dim=1)
+        return pred == target if target is not None else pred != y
+
+    def _run(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        target: torch.Tensor | None,
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        threat, alpha = self.threat, self.step_size
+        x_adv = threat.random_start(x, generator) if self.random_start else x.clone()
+        labels, sign = (target, -1.0) if target is not None else (y, 1.0)
+        active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        for _ in range(self.steps):
+            x_adv.requires_grad_(True)
+            logits = model(x_adv)
+            loss = sign * F.cross_entropy(logits, labels, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            x_next = threat.project(x_adv.detach() + alpha * threat.direction(grad), x)
+            if self.early_stop:
+                active &= ~self._success(logits.detach(), y, target)
+                x_next = torch.where(active.view(-1, *[1] * (x.dim() - 1)), x_next, x_adv.detach())
+            x_adv = x_next
+        return x_adv.detach()
+
+    def _judge(
+        self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            logits = model(x_adv)
+        labels, sign = (target, -1.0) if target is not None else (y, 1.0)
+        return sign * F.cross_entropy(logits, labels, reduction="none"), self._success(logits, y, target)
+
+
+class BIM(PGD):
+    """Basic iterative method (I-FGSM): PGD from x itself, no random start, one run."""
+
+    def __init__(
+        self,
+        threat: ThreatModel | None = None,
+        steps: int = 10,
+        step_size: float | None = None,
+        target: TargetMode = "none",
+        early_stop: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(threat, steps, step_size, False, 1, target, early_stop, seed)
+
+
+class FGSM(PGD):
+    """Fast gradient sign method: one step of size eps (L2: one normalised-gradient step of length eps)."""
+
+    def __init__(self, threat: ThreatModel | None = None, target: TargetMode = "none", seed: int = 0) -> None:
+        super().__init__(threat, 1, None, False, 1, target, False, seed)
+
+    @property
+    def step_size(self) -> float:
+        return self.threat.eps

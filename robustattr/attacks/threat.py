@@ -1,0 +1,98 @@
+"""Threat models: an L-infinity or L2 ball around x, intersected with the [0, 1] box.
+
+Each owns its random start, its unit ascent direction and its projection, so the attacks built on them carry
+no norm-specific branches. Epsilons are in pixel units of [0, 1] images (8/255 = 0.0313725).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from robustattr.errors import ConfigError
+
+
+def _per_sample(v: torch.Tensor) -> torch.Tensor:
+    return v.reshape(v.shape[0], *([1] * (v.dim() - 1)))
+
+
+class ThreatModel:
+    """Base class: a ball of radius ``eps`` around x, inside the [0, 1] box."""
+
+    def __init__(self, eps: float) -> None:
+        self.eps = self._check(float(eps))
+
+    def _check(self, eps: float) -> float:
+        if not math.isfinite(eps) or eps < 0:
+            raise ConfigError(f"{type(self).__name__}: eps must be finite and non-negative, got {eps}")
+        return eps
+
+    def with_eps(self, eps: float) -> ThreatModel:
+        """The same threat model with another radius (for epsilon sweeps)."""
+        other = copy.copy(self)
+        other.eps = other._check(float(eps))
+        return other
+
+    def norm(self, delta: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def random_start(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def direction(self, grad: torch.Tensor) -> torch.Tensor:
+        """The steepest-ascent direction of unit size in this norm."""
+        raise NotImplementedError
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(eps={self.eps:.6g})"
+
+
+class LinfBall(ThreatModel):
+    """``||x' - x||_inf <= eps``; sign-gradient steps; projection is exact (a box inside a box)."""
+
+    def _check(self, eps: float) -> float:
+        eps = super()._check(eps)
+        if eps > 1:
+            raise ConfigError(f"LinfBall: eps={eps} exceeds the whole [0, 1] pixel range (8/255 = 0.0313725)")
+        return eps
+
+    def norm(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.reshape(delta.shape[0], -1).abs().amax(dim=1)
+
+    def random_start(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return (x + (2 * noise - 1) * self.eps).clamp(0, 1)
+
+    def direction(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad.sign()
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.minimum(torch.maximum(x_adv, x - self.eps), x + self.eps).clamp(0, 1)
+
+
+class L2Ball(ThreatModel):
+    """``||x' - x||_2 <= eps``; normalised-gradient steps; projection onto the ball, then the box."""
+
+    def norm(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.reshape(delta.shape[0], -1).norm(dim=1)
+
+    def random_start(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        # Uniform in the ball: a Gaussian direction scaled to radius eps * u^(1/d).
+        d = x[0].numel()
+        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        direction = direction / _per_sample(self.norm(direction)).clamp_min(1e-12)
+        u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
+        return (x + direction * _per_sample(self.eps * u ** (1.0 / d))).clamp(0, 1)
+
+    def direction(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad / _per_sample(self.norm(grad)).clamp_min(1e-12)
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        delta = x_adv - x
+        scale = (self.eps / self.norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+        return (x + delta * _per_sample(scale)).clamp(0, 1)

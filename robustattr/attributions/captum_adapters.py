@@ -1,0 +1,103 @@
+"""Captum's attribution methods behind the robustattr call, for evaluation only.
+
+Captum's outputs are not differentiable with respect to the input (its gradient helper never builds a
+second-order graph), so these refuse ``create_graph=True``: attacks and penalties use the differentiable
+methods of `robustattr.attributions.gradient`. Propagation methods such as DeepLIFT are attacked on the ReLU
+network directly, through a differentiable surrogate method, never through these adapters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import captum.attr
+import numpy as np
+import torch
+from torch import nn
+
+from robustattr.attributions.gradient import Attribution, _grad_enabled
+from robustattr.errors import ConfigError
+
+
+class CaptumAttribution(Attribution):
+    """Base adapter: subclasses name the Captum class and the keyword arguments of ``attribute``."""
+
+    method: type
+
+    def kwargs(self, x: torch.Tensor) -> dict[str, Any]:
+        return {}
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, create_graph: bool = False
+    ) -> torch.Tensor:
+        if create_graph:
+            raise ConfigError(
+                f"{type(self).__name__} comes from Captum, whose attributions are not differentiable with respect "
+                "to the input: use it for evaluation; attack Saliency, GradientXInput, IntegratedGradients, "
+                "SmoothGrad or UniformGradient"
+            )
+        with _grad_enabled():
+            x_in = x.detach().clone().requires_grad_(True)
+            return self.method(model).attribute(x_in, target=target.to(x_in.device), **self.kwargs(x_in)).detach()
+
+
+class DeepLift(CaptumAttribution):
+    """DeepLIFT, Rescale rule (Shrikumar et al. 2017), against a constant baseline image (black)."""
+
+    method = captum.attr.DeepLift
+
+    def __init__(self, baseline: float = 0.0) -> None:
+        super().__init__()
+        self.baseline = baseline
+
+    def kwargs(self, x):
+        return {"baselines": torch.full_like(x, self.baseline)}
+
+
+class GradientShap(CaptumAttribution):
+    """GradientSHAP (Lundberg & Lee 2017): expected gradients over black and white baselines, seeded."""
+
+    method = captum.attr.GradientShap
+
+    def __init__(self, samples: int = 50, stdevs: float = 0.0, seed: int = 0) -> None:
+        super().__init__()
+        self.samples = samples
+        self.stdevs = stdevs
+        self.seed = seed
+
+    def kwargs(self, x):
+        baselines = torch.stack([torch.zeros_like(x[0]), torch.ones_like(x[0])])
+        return {"baselines": baselines, "n_samples": self.samples, "stdevs": self.stdevs}
+
+    def __call__(self, model, x, target, create_graph=False):
+        # Captum samples from the global torch and numpy RNGs: seed both privately, restore them after.
+        devices = [x.device] if x.device.type == "cuda" else []
+        numpy_state = np.random.get_state()  # noqa: NPY002 - Captum uses the legacy global RNG
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed)
+                np.random.seed(self.seed)  # noqa: NPY002
+                return super().__call__(model, x, target, create_graph)
+        finally:
+            np.random.set_state(numpy_state)  # noqa: NPY002
+
+
+class Occlusion(CaptumAttribution):
+    """Occlusion (Zeiler & Fergus 2014): the score drop when a ``window`` x ``window`` patch is set to
+    ``baseline``, sliding by ``stride``."""
+
+    method = captum.attr.Occlusion
+
+    def __init__(self, window: int = 4, stride: int = 2, baseline: float = 0.0) -> None:
+        super().__init__()
+        self.window = window
+        self.stride = stride
+        self.baseline = baseline
+
+    def kwargs(self, x):
+        channels = x.shape[1]
+        return {
+            "sliding_window_shapes": (channels, self.window, self.window),
+            "strides": (channels, self.stride, self.stride),
+            "baselines": self.baseline,
+        }

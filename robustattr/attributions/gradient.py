@@ -1,0 +1,170 @@
+"""Gradient-based attributions that can be differentiated with respect to the input.
+
+Call: ``attribution(model, x, target, create_graph=False) -> tensor shaped like x``. With
+``create_graph=True`` the result keeps its graph, including every path through x (the gradient term *and*
+the ``x`` / ``x - x0`` factors), so an explanation attack or a training penalty can differentiate it. Captum
+drops the second-order terms (REFERENCE.md section 1); these do not, and the tests check their
+input-derivatives against finite differences.
+
+Attributions do not change the model's mode: call them on a model in eval mode (attacks and callbacks do).
+Noise-based methods are seeded, so the same call returns the same map.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
+import torch
+from torch import nn
+
+from robustattr.errors import ConfigError
+
+Output = Literal["logit", "softmax"]
+
+
+@contextmanager
+def _grad_enabled() -> Iterator[None]:
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def _as_input(x: torch.Tensor) -> torch.Tensor:
+    """x itself when it is part of a graph (so the attribution stays differentiable in it), else a fresh leaf."""
+    return x if x.requires_grad else x.detach().clone().requires_grad_(True)
+
+
+class Attribution:
+    """Base class: ``output`` chooses the explained score, the logit or the softmax probability."""
+
+    def __init__(self, output: Output = "logit") -> None:
+        self.output = output
+
+    def score(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Sum over the batch of each sample's explained score (samples are independent in eval mode)."""
+        out = model(x)
+        if self.output == "softmax":
+            out = out.softmax(dim=1)
+        return out.gather(1, target.view(-1, 1)).sum()
+
+    def input_gradient(
+        self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, create_graph: bool
+    ) -> torch.Tensor:
+        (grad,) = torch.autograd.grad(self.score(model, x, target), x, create_graph=create_graph)
+        return grad
+
+    def __call__(
+        self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, create_graph: bool = False
+    ) -> torch.Tensor:
+        with _grad_enabled():
+            x_in = _as_input(x)
+            out = self.attribute(model, x_in, target.to(x_in.device), create_graph)
+        return out if create_graph else out.detach()
+
+    def attribute(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, create_graph: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(output={self.output!r})"
+
+
+class Saliency(Attribution):
+    """Simple gradient ``d score_y / dx`` (Simonyan et al. 2014), signed; the pixel map takes absolute values."""
+
+    def attribute(self, model, x, target, create_graph):
+        return self.input_gradient(model, x, target, create_graph)
+
+
+class GradientXInput(Attribution):
+    """``x * d score_y / dx`` (Shrikumar et al. 2016)."""
+
+    def attribute(self, model, x, target, create_graph):
+        return x * self.input_gradient(model, x, target, create_graph)
+
+
+class _PathAverage(Attribution):
+    """Mean input-gradient over ``samples`` points built from x, evaluated ``chunk`` points at a time so that
+    memory does not grow with the number of points (without ``create_graph`` each chunk's graph is freed)."""
+
+    def __init__(self, samples: int, chunk: int, output: Output, seed: int = 0) -> None:
+        super().__init__(output)
+        if samples < 1 or chunk < 1:
+            raise ConfigError(f"{type(self).__name__}: the number of points and the chunk size must be positive")
+        self.samples = samples
+        self.chunk = chunk
+        self.seed = seed
+
+    def points(self, x: torch.Tensor, start: int, stop: int, generator: torch.Generator) -> torch.Tensor:
+        """Points ``start..stop-1`` as a (stop - start, *x.shape) tensor, differentiable in x."""
+        raise NotImplementedError
+
+    def mean_gradient(self, model, x, target, create_graph) -> torch.Tensor:
+        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        total = torch.zeros_like(x)
+        for start in range(0, self.samples, self.chunk):
+            stop = min(start + self.chunk, self.samples)
+            pts = self.points(x, start, stop, generator)
+            flat = pts.reshape(-1, *x.shape[1:])
+            if not create_graph:
+                flat = flat.detach().requires_grad_(True)
+            grad = self.input_gradient(model, flat, target.repeat(stop - start), create_graph)
+            total = total + grad.reshape(pts.shape).sum(dim=0)
+        return total / self.samples
+
+
+class IntegratedGradients(_PathAverage):
+    """Integrated Gradients (Sundararajan et al. 2017): ``(x - x0) * mean_k grad(x0 + k/m (x - x0))``, k = 1..m
+    (the right Riemann sum, Captum's ``riemann_right``), baseline x0 a constant image (black by default).
+
+    ``output="softmax"`` attributes the probability, as Ghorbani et al.'s code and the IG authors recommend.
+    Completeness: ``sum(A) ~ score(x) - score(x0)``, closer as ``steps`` grows.
+    """
+
+    def __init__(self, steps: int = 50, baseline: float = 0.0, output: Output = "logit", chunk: int = 10) -> None:
+        super().__init__(steps, chunk, output)
+        self.baseline = baseline
+
+    def points(self, x, start, stop, generator):
+        x0 = torch.full_like(x, self.baseline)
+        alphas = torch.arange(start + 1, stop + 1, device=x.device, dtype=x.dtype) / self.samples
+        return x0 + alphas.view(-1, *[1] * x.dim()) * (x - x0)
+
+    def attribute(self, model, x, target, create_graph):
+        return (x - self.baseline) * self.mean_gradient(model, x, target, create_graph)
+
+
+class SmoothGrad(_PathAverage):
+    """SmoothGrad (Smilkov et al. 2017): mean gradient over ``samples`` copies ``x + N(0, sigma^2)``; sigma is in
+    pixel units of [0, 1] images (0.15 = 15% of the input range)."""
+
+    def __init__(
+        self, samples: int = 50, sigma: float = 0.15, output: Output = "logit", chunk: int = 25, seed: int = 0
+    ) -> None:
+        super().__init__(samples, chunk, output, seed)
+        self.sigma = sigma
+
+    def points(self, x, start, stop, generator):
+        noise = torch.randn((stop - start, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
+        return x + self.sigma * noise
+
+    def attribute(self, model, x, target, create_graph):
+        return self.mean_gradient(model, x, target, create_graph)
+
+
+class UniformGradient(_PathAverage):
+    """Uniform Gradient (Wang et al. 2020): mean gradient over ``x + U[-r, r]^d``, r = ``radius`` times the input
+    range (0.2 by default); smooths attributions without retraining."""
+
+    def __init__(
+        self, samples: int = 50, radius: float = 0.2, output: Output = "logit", chunk: int = 25, seed: int = 0
+    ) -> None:
+        super().__init__(samples, chunk, output, seed)
+        self.radius = radius
+
+    def points(self, x, start, stop, generator):
+        noise = torch.rand((stop - start, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
+        return x + self.radius * (2 * noise - 1)
+
+    def attribute(self, model, x, target, create_graph):
+        return self.mean_gradient(model, x, target, create_graph)
