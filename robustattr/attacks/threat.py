@@ -14,8 +14,9 @@ import torch
 from robustattr.errors import ConfigError
 
 
-def _per_sample(v: torch.Tensor) -> torch.Tensor:
-    return v.reshape(v.shape[0], *([1] * (v.dim() - 1)))
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N,) per-sample values shaped to broadcast against ``like`` (N, C, H, W)."""
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 class ThreatModel:
@@ -85,14 +86,14 @@ class L2Ball(ThreatModel):
         # Uniform in the ball: a Gaussian direction scaled to radius eps * u^(1/d).
         d = x[0].numel()
         direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        direction = direction / _per_sample(self.norm(direction)).clamp_min(1e-12)
+        direction = direction / _per_sample(self.norm(direction), x).clamp_min(1e-12)
         u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
-        return (x + direction * _per_sample(self.eps * u ** (1.0 / d))).clamp(0, 1)
+        return (x + direction * _per_sample(self.eps * u ** (1.0 / d), x)).clamp(0, 1)
 
     def direction(self, grad: torch.Tensor) -> torch.Tensor:
-        return grad / _per_sample(self.norm(grad)).clamp_min(1e-12)
+        return grad / _per_sample(self.norm(grad), grad).clamp_min(1e-12)
 
     def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         delta = x_adv - x
         scale = (self.eps / self.norm(delta).clamp_min(1e-12)).clamp(max=1.0)
-        return (x + delta * _per_sample(scale)).clamp(0, 1)
+        return (x + delta * _per_sample(scale, delta)).clamp(0, 1)

@@ -98,3 +98,14 @@ def attack_success(
         return (pred_adv == target).float()
     success = (pred_adv != y).float()
     return torch.where(pred_clean == y, success, torch.full_like(success, float("nan")))
+
+
+def default_k(height: int, width: int) -> int:
+    """The top-k size of REFERENCE.md: 1000 for ImageNet-size inputs, 100 for 32x32, 1/8 of the pixels for
+    smaller images (8 of the 64 pixels of a digit)."""
+    pixels = height * width
+    if pixels >= 224 * 224:
+        return 1000
+    if pixels >= 32 * 32:
+        return 100
+    return max(1, round(pixels / 8))

@@ -1,0 +1,52 @@
+"""Attacks on predictions (``attack(model, x, y) -> x_adv``) and on explanations, with their threat models.
+
+Every attack works under ``torch.no_grad`` and ``torch.inference_mode``, leaves the model's train/eval modes,
+parameter gradients and BatchNorm statistics untouched, is batched, seeded, and runs on the model's device.
+"""
+
+from robustattr.attacks.base import choose_target, gradient_context
+from robustattr.attacks.explanation import (
+    ExplanationAttack,
+    ExplanationAttackResult,
+    MassCenterAttack,
+    RandomSignAttack,
+    TargetedAttack,
+    TargetMapAttack,
+    TopKAttack,
+)
+from robustattr.attacks.gradient import BIM, FGSM, PGD
+from robustattr.attacks.lbfgs import LBFGS, LBFGSResult, rms_distortion
+from robustattr.attacks.surrogate import (
+    BetaSchedule,
+    SecondOrderZeroError,
+    require_second_order,
+    shared_weight_copy,
+    softplus_surrogate,
+)
+from robustattr.attacks.threat import L2Ball, LinfBall, ThreatModel
+
+__all__ = [
+    "BIM",
+    "FGSM",
+    "LBFGS",
+    "PGD",
+    "BetaSchedule",
+    "ExplanationAttack",
+    "ExplanationAttackResult",
+    "L2Ball",
+    "LBFGSResult",
+    "LinfBall",
+    "MassCenterAttack",
+    "RandomSignAttack",
+    "SecondOrderZeroError",
+    "TargetMapAttack",
+    "TargetedAttack",
+    "ThreatModel",
+    "TopKAttack",
+    "choose_target",
+    "gradient_context",
+    "require_second_order",
+    "rms_distortion",
+    "shared_weight_copy",
+    "softplus_surrogate",
+]

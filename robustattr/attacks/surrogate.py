@@ -1,0 +1,86 @@
+"""Smooth surrogates for second-order work on piecewise-linear networks.
+
+The gradient map of a ReLU network is piecewise constant, so the gradient of any function of a gradient-based
+explanation is exactly zero and an explanation attack would do nothing (REFERENCE.md sections 3 and 8). The
+papers compute the attack gradient on a copy with ReLU replaced by softplus(beta) and judge every iterate on
+the original model. `softplus_surrogate` builds that copy without copying weights: it shares the original's
+parameters and buffers, so it is cheap and always in sync. `BetaSchedule` anneals beta (Dombrowski et al.).
+`require_second_order` turns a silent all-zero attack gradient into a clear error.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from robustattr.errors import ConfigError, RobustAttrError
+from robustattr.models.layers import count_activations, swap_activations
+
+
+class SecondOrderZeroError(RobustAttrError):
+    """A second-order gradient (of an explanation, a curvature term) is identically zero."""
+
+
+def shared_weight_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers are the original's own tensors: replacing a
+    submodule of the copy leaves the original untouched, and no weight is duplicated."""
+    clone = copy.copy(model)
+    clone._parameters = dict(model._parameters)
+    clone._buffers = dict(model._buffers)
+    clone._modules = {
+        name: None if child is None else shared_weight_copy(child) for name, child in model._modules.items()
+    }
+    return clone
+
+
+def softplus_surrogate(model: nn.Module, beta: float) -> nn.Module:
+    """``model`` with every piecewise-linear activation replaced by softplus(beta), sharing its weights.
+
+    A model without piecewise-linear activations (already smooth) comes back as a plain shared-weight copy."""
+    if beta <= 0:
+        raise ConfigError(f"softplus surrogate: beta must be positive, got {beta}")
+    surrogate = shared_weight_copy(model)
+    swap_activations(surrogate, lambda: nn.Softplus(beta=beta))
+    return surrogate
+
+
+def set_beta(surrogate: nn.Module, beta: float) -> None:
+    for module in surrogate.modules():
+        if isinstance(module, nn.Softplus):
+            module.beta = beta
+
+
+def is_piecewise_linear(model: nn.Module) -> bool:
+    return count_activations(model) > 0
+
+
+class BetaSchedule:
+    """Softplus beta over an attack's steps: constant (``end=None``) or geometric from ``start`` to ``end``
+    (Dombrowski et al. anneal 10 -> 100: smooth enough to see curvature early, close to ReLU late)."""
+
+    def __init__(self, start: float = 10.0, end: float | None = None) -> None:
+        if start <= 0 or (end is not None and end <= 0):
+            raise ConfigError(f"BetaSchedule: betas must be positive, got {start}, {end}")
+        self.start = start
+        self.end = end
+
+    def __call__(self, step: int, steps: int) -> float:
+        if self.end is None or steps <= 1:
+            return self.start
+        return math.exp(math.log(self.start) + (math.log(self.end) - math.log(self.start)) * step / (steps - 1))
+
+    def __repr__(self) -> str:
+        return f"BetaSchedule(start={self.start}, end={self.end})"
+
+
+def require_second_order(grad: torch.Tensor | None, what: str) -> None:
+    """Raise when ``grad`` (a gradient through a gradient) is missing or identically zero."""
+    if grad is None or not bool((grad != 0).any()):
+        raise SecondOrderZeroError(
+            f"{what}: the second-order gradient is identically zero, so this would silently do nothing. The "
+            "network is piecewise linear (ReLU-like), whose gradient map has no curvature: use a softplus "
+            "surrogate (surrogate=BetaSchedule(10.0)) or a smooth activation."
+        )
