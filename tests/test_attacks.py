@@ -162,3 +162,11 @@ def test_lbfgs_refuses_untargeted_and_reports_rms_distortion(bn_net):
     rms = (result.x_adv - x).reshape(6, -1).pow(2).mean(1).sqrt()
     torch.testing.assert_close(result.distortion[found], rms[found])
     assert all(math.isnan(d) for d in result.distortion[~found].tolist())
+
+
+def test_gradient_context_restores_requires_grad_flags():
+    net = SmallCNN(width=8)
+    net.classifier.bias.requires_grad_(False)
+    before = [p.requires_grad for p in net.parameters()]
+    BIM(LinfBall(0.1), steps=1)(net, *_data())
+    assert [p.requires_grad for p in net.parameters()] == before

@@ -24,17 +24,23 @@ def model_device(model: nn.Module) -> torch.device:
 @contextmanager
 def gradient_context(model: nn.Module) -> Iterator[None]:
     """Input gradients available (also inside ``torch.inference_mode`` and ``torch.no_grad``, as in Lightning's
-    validate/test), every module in eval mode (BatchNorm statistics frozen, dropout off), and each module's
-    train/eval flag restored on exit. Attacks take gradients with ``torch.autograd.grad`` with respect to
-    inputs only, so parameter ``.grad`` is never touched."""
+    validate/test), every module in eval mode (BatchNorm statistics frozen, dropout off), parameters not
+    requiring grad (autograd then records no weight paths: a BIM step is up to a quarter faster on CPU), and
+    each module's mode and each parameter's flag restored on exit. Attacks take gradients with
+    ``torch.autograd.grad`` with respect to inputs only, so parameter ``.grad`` is never touched."""
     modes = [(module, module.training) for module in model.modules()]
+    flags = [(param, param.requires_grad) for param in model.parameters()]
     model.eval()
     try:
+        for param, _ in flags:
+            param.requires_grad_(False)
         with torch.inference_mode(False), torch.enable_grad():
             yield
     finally:
         for module, training in modes:
             module.training = training
+        for param, requires_grad in flags:
+            param.requires_grad_(requires_grad)
 
 
 def prepare(model: nn.Module, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:

@@ -113,71 +113,89 @@ class ExplanationAttack:
     # -- what a subclass defines -------------------------------------------------------------------------------
     def context(self, maps_clean: torch.Tensor, x: torch.Tensor, logits: torch.Tensor) -> dict[str, Any]:
         """Per-batch constants of the objective, computed once from the clean maps."""
-        return {"k": self.k or default_k(*maps_clean.shape[1:]), "maps_clean": maps_clean}
+        return {"k": self.k or default_k(*maps_clean.shape[1:]), "maps_clean": maps_clean, "input_shape": x.shape}
 
-    def objective(self, maps: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
-        """(N,) dissimilarity to ascend, differentiable in ``maps``."""
+    def objective(self, maps: torch.Tensor, logits: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        """(N,) dissimilarity to ascend, differentiable in ``maps`` (and ``logits``)."""
         raise NotImplementedError
 
     def score(self, maps: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
         """(N,) damage of an iterate, as judged on the original network (higher: more damage)."""
         raise NotImplementedError
 
-    # -- the loop ----------------------------------------------------------------------------------------------
-    def step(
-        self,
-        attacker: nn.Module,
-        x_adv: torch.Tensor,
-        target: torch.Tensor,
-        ctx: dict[str, Any],
-        generator: torch.Generator,
-        check: bool,
-    ) -> torch.Tensor:
-        """The perturbation to add at this iterate (before projection)."""
-        x_in = x_adv.detach().requires_grad_(True)
-        maps = pixel_map(self.attribution(attacker, x_in, target, create_graph=True))
-        (grad,) = torch.autograd.grad(self.objective(maps, ctx).sum(), x_in, allow_unused=True)
-        if check:
-            require_second_order(grad, f"{type(self).__name__} on {self.attribution!r}")
+    def update(self, grad: torch.Tensor | None, ctx: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        """The perturbation to add (before projection): a signed-gradient step by default."""
         return self.step_size * self.threat.direction(grad)
 
+    uses_gradient = True
+
+    # -- the loop ----------------------------------------------------------------------------------------------
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.run(model, x, y).x_adv
 
+    def _ascent_gradient(self, maps: torch.Tensor, logits: torch.Tensor, x_in: torch.Tensor, ctx, check: bool):
+        (grad,) = torch.autograd.grad(self.objective(maps, logits, ctx).sum(), x_in, allow_unused=True)
+        if check:
+            require_second_order(grad, f"{type(self).__name__} on {self.attribution!r}")
+        return grad
+
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> ExplanationAttackResult:
         """Attack the explanation of each sample's predicted class (``y`` is accepted for the common attack
-        call; as in Ghorbani et al., the explained class is the clean prediction)."""
+        call; as in Ghorbani et al., the explained class is the clean prediction).
+
+        Cost per step: the attack gradient (a double backward through the attribution) plus judging the new
+        iterate on the original network. Without a surrogate (a smooth network) both come from one pass: the
+        attribution computed at x_t for the step also judges x_t."""
         input_device = x.device
         with gradient_context(model):
             (x,) = prepare(model, x)
             generator = generator_for(x.device, self.seed)
             with torch.no_grad():
-                logits = model(x)
-            target = logits.argmax(dim=1)
-            maps_clean = pixel_map(self.attribution(model, x, target))
+                target = model(x).argmax(dim=1)
+            attr, logits = self.attribution.attribute_and_logits(model, x, target)
+            maps_clean = pixel_map(attr)
             ctx = self.context(maps_clean, x, logits)
             attacker = model
-            if self.schedule is not None and is_piecewise_linear(model):
+            if self.uses_gradient and self.schedule is not None and is_piecewise_linear(model):
                 attacker = softplus_surrogate(model, self.schedule.start)
+            fused = self.uses_gradient and attacker is model
             best_x, best_maps = x.clone(), maps_clean.clone()
             best_score = torch.full((x.shape[0],), float("-inf"), device=x.device)
             kept = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
             for restart in range(self.restarts):
+                ctx.pop("adam", None)
                 x_adv = self.threat.random_start(x, generator) if self.random_start else x.clone()
-                for t in range(self.steps):
-                    if attacker is not model:
-                        set_beta(attacker, self.schedule(t, self.steps))
-                    delta = self.step(attacker, x_adv, target, ctx, generator, check=(restart == 0 and t == 0))
-                    x_adv = self.threat.project(x_adv.detach() + delta, x)
-                    with torch.no_grad():
-                        eligible = model(x_adv).argmax(dim=1) == target
-                    maps = pixel_map(self.attribution(model, x_adv, target))
-                    score = self.score(maps, ctx)
-                    better = eligible & (score > best_score) if self.tracks_best else eligible
-                    best_x = torch.where(better.view(-1, 1, 1, 1), x_adv, best_x)
-                    best_maps = torch.where(better.view(-1, 1, 1), maps, best_maps)
-                    best_score = torch.where(better, score, best_score)
-                    kept |= eligible
+                for t in range(self.steps + 1):
+                    attack_now = t < self.steps
+                    x_in = x_adv.detach().requires_grad_(fused and attack_now)
+                    if t > 0 or (fused and attack_now):
+                        attr, logits = self.attribution.attribute_and_logits(
+                            model, x_in, target, create_graph=fused and attack_now
+                        )
+                        maps = pixel_map(attr)
+                    if t > 0:  # judge the current iterate on the original network
+                        eligible = logits.detach().argmax(dim=1) == target
+                        score = self.score(maps.detach(), ctx)
+                        better = eligible & (score > best_score) if self.tracks_best else eligible
+                        best_x = torch.where(better.view(-1, 1, 1, 1), x_adv, best_x)
+                        best_maps = torch.where(better.view(-1, 1, 1), maps.detach(), best_maps)
+                        best_score = torch.where(better, score, best_score)
+                        kept |= eligible
+                    if not attack_now:
+                        break
+                    grad = None
+                    if self.uses_gradient:
+                        check = restart == 0 and t == 0
+                        if not fused:
+                            if attacker is not model:
+                                set_beta(attacker, self.schedule(t, self.steps))
+                            x_in = x_adv.detach().requires_grad_(True)
+                            attr, logits = self.attribution.attribute_and_logits(
+                                attacker, x_in, target, create_graph=True
+                            )
+                            maps = pixel_map(attr)
+                        grad = self._ascent_gradient(maps, logits, x_in, ctx, check)
+                    x_adv = self.threat.project(x_adv.detach() + self.update(grad, ctx, generator), x)
         nan = torch.full_like(best_score, float("nan"))
         return ExplanationAttackResult(
             x_adv=best_x.detach().to(input_device),
@@ -198,7 +216,7 @@ class TopKAttack(ExplanationAttack):
         ctx["mask"] = topk_mask(maps_clean, ctx["k"]).to(maps_clean.dtype)
         return ctx
 
-    def objective(self, maps, ctx):
+    def objective(self, maps, logits, ctx):
         return -(maps * ctx["mask"]).sum(dim=(1, 2))
 
     def score(self, maps, ctx):
@@ -213,7 +231,7 @@ class MassCenterAttack(ExplanationAttack):
         ctx["center"] = center_of_mass(maps_clean)
         return ctx
 
-    def objective(self, maps, ctx):
+    def objective(self, maps, logits, ctx):
         return (center_of_mass(maps) - ctx["center"]).pow(2).sum(dim=1)
 
     def score(self, maps, ctx):
@@ -249,7 +267,7 @@ class TargetedAttack(ExplanationAttack):
         ctx["mask"] = self.region_mask(*maps_clean.shape[1:], maps_clean.device).to(maps_clean.dtype)
         return ctx
 
-    def objective(self, maps, ctx):
+    def objective(self, maps, logits, ctx):
         return (maps * ctx["mask"]).sum(dim=(1, 2))
 
     def score(self, maps, ctx):
@@ -272,7 +290,6 @@ class TargetMapAttack(ExplanationAttack):
         hw = maps_clean.shape[1] * maps_clean.shape[2]
         ctx["target_map"] = torch.roll(maps_clean, shifts=1, dims=0) / hw
         ctx["probs"] = logits.softmax(dim=1)
-        ctx["adam"] = None
         return ctx
 
     def _map_distance(self, maps, ctx):
@@ -282,23 +299,20 @@ class TargetMapAttack(ExplanationAttack):
     def score(self, maps, ctx):
         return -self._map_distance(maps, ctx)
 
-    def step(self, attacker, x_adv, target, ctx, generator, check):
-        x_in = x_adv.detach().requires_grad_(True)
-        maps = pixel_map(self.attribution(attacker, x_in, target, create_graph=True))
-        out_change = (attacker(x_in).softmax(dim=1) - ctx["probs"]).pow(2).sum(dim=1)
-        loss = (self._map_distance(maps, ctx) + self.gamma * out_change).sum()
-        (grad,) = torch.autograd.grad(loss, x_in, allow_unused=True)
-        if check:
-            require_second_order(grad, f"{type(self).__name__} on {self.attribution!r}")
-        if ctx["adam"] is None:  # Adam moments over the steps of this run (bias-corrected, betas 0.9 / 0.999)
+    def objective(self, maps, logits, ctx):
+        out_change = (logits.softmax(dim=1) - ctx["probs"]).pow(2).sum(dim=1)
+        return -(self._map_distance(maps, ctx) + self.gamma * out_change)
+
+    def update(self, grad, ctx, generator):
+        # Adam (betas 0.9 / 0.999, bias-corrected) on the ascent direction; moments restart with each run.
+        if "adam" not in ctx:
             ctx["adam"] = [torch.zeros_like(grad), torch.zeros_like(grad), 0]
         m, v, t = ctx["adam"]
         t += 1
         m.mul_(0.9).add_(grad, alpha=0.1)
         v.mul_(0.999).addcmul_(grad, grad, value=0.001)
         ctx["adam"][2] = t
-        m_hat, v_hat = m / (1 - 0.9**t), v / (1 - 0.999**t)
-        return -self.step_size * m_hat / (v_hat.sqrt() + 1e-8)
+        return self.step_size * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
 
 
 class RandomSignAttack(ExplanationAttack):
@@ -308,6 +322,7 @@ class RandomSignAttack(ExplanationAttack):
     compares directly with `TopKAttack`."""
 
     tracks_best = False
+    uses_gradient = False
 
     def __init__(
         self,
@@ -324,8 +339,10 @@ class RandomSignAttack(ExplanationAttack):
     def step_size(self) -> float:
         return self._step_size if self._step_size is not None else self.threat.eps
 
-    def step(self, attacker, x_adv, target, ctx, generator, check):
-        noise = torch.randn(x_adv.shape, generator=generator, device=x_adv.device, dtype=x_adv.dtype)
+    def update(self, grad, ctx, generator):
+        x = ctx["maps_clean"]
+        shape = ctx["input_shape"]
+        noise = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
         return self.step_size * noise.sign()
 
     def score(self, maps, ctx):

@@ -41,18 +41,39 @@ class Attribution:
     def __init__(self, output: Output = "logit") -> None:
         self.output = output
 
-    def score(self, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def score(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Sum over the batch of each sample's explained score (samples are independent in eval mode)."""
-        out = model(x)
-        if self.output == "softmax":
-            out = out.softmax(dim=1)
+        out = logits.softmax(dim=1) if self.output == "softmax" else logits
         return out.gather(1, target.view(-1, 1)).sum()
+
+    def gradient_and_logits(
+        self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, create_graph: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x)
+        (grad,) = torch.autograd.grad(self.score(logits, target), x, create_graph=create_graph)
+        return grad, logits
 
     def input_gradient(
         self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, create_graph: bool
     ) -> torch.Tensor:
-        (grad,) = torch.autograd.grad(self.score(model, x, target), x, create_graph=create_graph)
-        return grad
+        return self.gradient_and_logits(model, x, target, create_graph)[0]
+
+    def attribute_and_logits(
+        self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, create_graph: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attribution and the logits at x; methods that run the model at x anyway share that forward.
+        Without ``create_graph`` both come back detached."""
+        with _grad_enabled():
+            x_in = _as_input(x)
+            attr, logits = self._attribute_and_logits(model, x_in, target.to(x_in.device), create_graph)
+        return (attr, logits) if create_graph else (attr.detach(), logits.detach())
+
+    def _attribute_and_logits(self, model, x, target, create_graph):
+        attr = self.attribute(model, x, target, create_graph)
+        if create_graph:
+            return attr, model(x)
+        with torch.no_grad():
+            return attr, model(x)
 
     def __call__(
         self, model: nn.Module, x: torch.Tensor, target: torch.Tensor, create_graph: bool = False
@@ -75,12 +96,19 @@ class Saliency(Attribution):
     def attribute(self, model, x, target, create_graph):
         return self.input_gradient(model, x, target, create_graph)
 
+    def _attribute_and_logits(self, model, x, target, create_graph):
+        return self.gradient_and_logits(model, x, target, create_graph)
+
 
 class GradientXInput(Attribution):
     """``x * d score_y / dx`` (Shrikumar et al. 2016)."""
 
     def attribute(self, model, x, target, create_graph):
         return x * self.input_gradient(model, x, target, create_graph)
+
+    def _attribute_and_logits(self, model, x, target, create_graph):
+        grad, logits = self.gradient_and_logits(model, x, target, create_graph)
+        return x * grad, logits
 
 
 class _PathAverage(Attribution):
