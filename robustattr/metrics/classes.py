@@ -35,11 +35,19 @@ class PerSampleMean(Metric):
     def update(self, values: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         self._add(values, keep)
 
+    def _current(self) -> torch.Tensor:
+        # The state is a list of tensors while updating, one concatenated tensor once synced.
+        if isinstance(self.values, list) and not self.values:
+            return torch.empty(0, device=self.device)
+        return dim_zero_cat(self.values)
+
     def per_sample(self) -> torch.Tensor:
-        return dim_zero_cat(self.values) if self.values else torch.empty(0, device=self.device)
+        """Every sample's value; under DDP those of all processes (in process order)."""
+        with self.sync_context(should_sync=not self._is_synced):
+            return self._current().clone()
 
     def compute(self) -> torch.Tensor:
-        values = self.per_sample()
+        values = self._current()  # compute() runs on the synced state already
         return values.mean() if values.numel() else torch.tensor(float("nan"), device=self.device)
 
 

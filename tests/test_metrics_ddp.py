@@ -1,0 +1,51 @@
+"""The metric classes gather per-sample values across processes (two CPU processes on gloo)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from robustattr.metrics import LabelKeptRate, SpearmanCorrelation, TopKIntersection, spearman, topk_intersection
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(10, 6, 6, generator=g)
+    b = a + 0.5 * torch.rand(10, 6, 6, generator=g)
+    kept = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    return a, b, kept
+
+
+def _worker(rank: int, world: int, port: int, out: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    a, b, kept = _data()
+    shard = slice(rank * 5, (rank + 1) * 5)  # uneven kept counts per process on purpose
+    topk, rho, rate = TopKIntersection(k=4), SpearmanCorrelation(), LabelKeptRate()
+    topk.update(a[shard], b[shard], kept[shard])
+    rho.update(a[shard], b[shard], kept[shard])
+    rate.update(kept[shard])
+    out[rank] = (topk.compute().item(), rho.compute().item(), rate.compute().item(), topk.per_sample().numel())
+    dist.destroy_process_group()
+
+
+def test_two_processes_report_the_single_process_values():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_worker, args=(2, port, out), nprocs=2, join=True)
+    a, b, kept = _data()
+    expected = (
+        topk_intersection(a, b, 4)[kept].mean().item(),
+        spearman(a, b)[kept].mean().item(),
+        kept.float().mean().item(),
+        int(kept.sum()),
+    )
+    for rank in (0, 1):
+        assert out[rank] == pytest.approx(expected, abs=1e-6)
