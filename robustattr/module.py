@@ -12,10 +12,13 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from robustattr.attacks.surrogate import is_piecewise_linear
 from robustattr.errors import ConfigError
+from robustattr.models.weights import load_weights
 from robustattr.regularizers.base import ObjectiveTerm
 
 try:  # set by LightningCLI while it instantiates the model from a config
@@ -35,6 +38,10 @@ class RobustClassifier(pl.LightningModule):
         ce_weight: weight of the clean cross-entropy (0 for objectives that replace it, such as PGD-AT).
         label_smoothing: label smoothing of the cross-entropy.
         num_classes: number of classes; read from ``net.num_classes`` when not given.
+        weights: initialise the network from a local file (a train.py checkpoint, a state dict, safetensors),
+            e.g. to fine-tune a ReLU model with softplus activations; loaded with ``weights_only=True``.
+        nonfinite: what a NaN or infinite training loss does: ``"raise"`` stops with an error naming the term
+            and the step; ``"skip"`` warns and skips the step.
 
     Logs ``train/loss``, ``train/ce``, ``train/acc``, ``train/reg/<name>`` per term, ``val/loss``, ``val/acc``,
     ``test/loss``, ``test/acc``.
@@ -50,6 +57,8 @@ class RobustClassifier(pl.LightningModule):
         ce_weight: float = 1.0,
         label_smoothing: float = 0.0,
         num_classes: int | None = None,
+        weights: str | None = None,
+        nonfinite: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__()
         # From a config (LightningCLI) the hyper-parameters are the config itself, plain data that rebuilds the
@@ -60,6 +69,9 @@ class RobustClassifier(pl.LightningModule):
             ignore=None if from_config else ["net", "terms", "optimizer", "scheduler"], logger=False
         )
         self.net = net
+        if weights:
+            load_weights(self.net, weights)
+        self.nonfinite = nonfinite
         self.terms = nn.ModuleList(terms or [])
         names = [term.name for term in self.terms]
         if len(set(names)) != len(names):
@@ -91,21 +103,62 @@ class RobustClassifier(pl.LightningModule):
                 f"the model predicts {self.num_classes} classes but {type(datamodule).__name__} has "
                 f"{data_classes}: set num_classes of the net to {data_classes}"
             )
+        if stage == "fit" and self._trainer is not None:
+            self._check_terms(str(self.trainer.precision))
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def _check_terms(self, precision: str) -> None:
+        second_order = [t.name for t in self.terms if t.second_order]
+        if second_order and precision.startswith("16"):
+            raise ConfigError(
+                f"precision {precision!r} (fp16 autocast) with the second-order term(s) {second_order}: fp16 "
+                "makes double backward produce NaNs. Use --trainer.precision bf16-mixed or 32-true"
+            )
+        if is_piecewise_linear(self.net):
+            for term in self.terms:
+                if term.curvature:
+                    rank_zero_warn(
+                        f"{term.name} on a piecewise-linear (ReLU) network: {term.piecewise_linear_note()}. "
+                        "Use a smooth activation (e.g. torch.nn.Softplus with a beta) to penalise the network's "
+                        "own curvature too."
+                    )
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         x, y = batch
+        if any(term.uses_clean_forward for term in self.terms):
+            x = x.detach().requires_grad_(True)  # terms reuse this forward for their input gradients
         logits = self(x)
         ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         loss = self.ce_weight * ce
+        epoch = self.current_epoch + batch_idx / max(1, self._batches_per_epoch())
+        values = {}
         for term in self.terms:
-            value = term(self.net, x, y)
-            self.log(f"train/reg/{term.name}", value.detach())
-            loss = loss + term.weight * value
+            term.epoch = epoch
+            args = (self.net, x, y, logits) if term.uses_clean_forward else (self.net, x, y)
+            values[term.name] = term(*args)
+            self.log(f"train/reg/{term.name}", values[term.name].detach())
+            loss = loss + term.current_weight * values[term.name]
+        if values and not torch.isfinite(loss):  # one sync per step, and only with terms
+            return self._nonfinite(values, loss)
         self.train_acc(logits.detach(), y)
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("train/ce", ce.detach())
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
+
+    def _batches_per_epoch(self) -> int:
+        batches = self.trainer.num_training_batches if self._trainer is not None else 1
+        return int(batches) if isinstance(batches, int | float) and batches != float("inf") else 1
+
+    def _nonfinite(self, values: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        bad = [f"{name}={value.item()}" for name, value in values.items() if not torch.isfinite(value)]
+        where = f"at step {self.global_step} (epoch {self.current_epoch})"
+        message = f"non-finite training loss {loss.item()} {where}: " + (
+            f"penalty {', '.join(bad)}" if bad else "the penalties are finite, the cross-entropy is not"
+        )
+        if self.nonfinite == "raise":
+            raise FloatingPointError(message + " (set model.nonfinite: skip to skip such steps)")
+        rank_zero_warn(message + "; step skipped")
+        return None
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metric: MulticlassAccuracy) -> None:
         x, y = batch

@@ -14,7 +14,7 @@ from robustattr.attacks.explanation import (
     TargetMapAttack,
     TopKAttack,
 )
-from robustattr.attacks.gradient import BIM, FGSM, PGD
+from robustattr.attacks.gradient import BIM, FGSM, PGD, projected_ascent
 from robustattr.attacks.lbfgs import LBFGS, LBFGSResult, rms_distortion
 from robustattr.attacks.surrogate import (
     BetaSchedule,
@@ -45,6 +45,7 @@ __all__ = [
     "TopKAttack",
     "choose_target",
     "gradient_context",
+    "projected_ascent",
     "require_second_order",
     "rms_distortion",
     "shared_weight_copy",

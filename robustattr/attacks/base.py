@@ -67,5 +67,7 @@ def choose_target(
     raise ValueError(f"unknown target mode {mode!r}")
 
 
-def generator_for(device: torch.device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed)
+def generator_for(device: torch.device, seed: int | None) -> torch.Generator | None:
+    """A private generator seeded with ``seed`` (the same numbers on every call), or None for the global RNG
+    (fresh numbers on every call, reproducible under ``seed_everything``: what training objectives want)."""
+    return None if seed is None else torch.Generator(device=device).manual_seed(seed)

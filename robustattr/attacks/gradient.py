@@ -10,6 +10,8 @@ per sample once they succeed, and are seeded (the same seed gives the same adver
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,7 +34,8 @@ class PGD:
         target: ``"none"`` (untargeted), ``"random"``, ``"least_likely"`` or ``"runner_up"``; an explicit
             ``target`` tensor passed to the call overrides it.
         early_stop: freeze each sample at its first successful iterate.
-        seed: seed of random starts and random targets.
+        seed: seed of random starts and random targets (the same adversaries on every call); None draws from
+            the global RNG (fresh starts on every call, as adversarial training wants).
     """
 
     def __init__(
@@ -44,7 +47,7 @@ class PGD:
         restarts: int = 1,
         target: TargetMode = "none",
         early_stop: bool = False,
-        seed: int = 0,
+        seed: int | None = 0,
     ) -> None:
         if steps < 1 or restarts < 1:
             raise ConfigError(f"{type(self).__name__}: steps and restarts must be at least 1, got {steps}, {restarts}")
@@ -149,7 +152,7 @@ class BIM(PGD):
         step_size: float | None = None,
         target: TargetMode = "none",
         early_stop: bool = False,
-        seed: int = 0,
+        seed: int | None = 0,
     ) -> None:
         super().__init__(threat, steps, step_size, False, 1, target, early_stop, seed)
 
@@ -157,9 +160,28 @@ class BIM(PGD):
 class FGSM(PGD):
     """Fast gradient sign method: one step of size eps (L2: one normalised-gradient step of length eps)."""
 
-    def __init__(self, threat: ThreatModel | None = None, target: TargetMode = "none", seed: int = 0) -> None:
+    def __init__(self, threat: ThreatModel | None = None, target: TargetMode = "none", seed: int | None = 0) -> None:
         super().__init__(threat, 1, None, False, 1, target, False, seed)
 
     @property
     def step_size(self) -> float:
         return self.threat.eps
+
+
+def projected_ascent(
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    threat: ThreatModel,
+    steps: int,
+    step_size: float,
+    start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Maximise ``objective(x_adv)`` (a scalar, typically a sum over the batch) over the threat model's ball
+    around x by steepest-ascent steps, starting from ``start`` (default x). The inner maximisation of
+    TRADES and IG-NORM; the caller provides the gradient context (see `gradient_context`)."""
+    x_adv = (x if start is None else start).detach().clone()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        (grad,) = torch.autograd.grad(objective(x_adv), x_adv)
+        x_adv = threat.project(x_adv.detach() + step_size * threat.direction(grad), x)
+    return x_adv.detach()

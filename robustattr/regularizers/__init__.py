@@ -1,5 +1,22 @@
-"""Objective terms added to the cross-entropy training loss."""
+"""Objective terms added to the cross-entropy training loss (``RobustClassifier(terms=[...])``)."""
 
-from robustattr.regularizers.base import ObjectiveTerm
+from robustattr.regularizers.adversarial import TRADES, AdversarialCE, IGNorm, integrated_loss_gradients
+from robustattr.regularizers.base import ObjectiveTerm, frozen_norm_stats
+from robustattr.regularizers.derivatives import logit_jvp, logit_vjp, loss_hvp
+from robustattr.regularizers.smoothness import CURE, SSR, GradientNorm, HessianNorm
 
-__all__ = ["ObjectiveTerm"]
+__all__ = [
+    "CURE",
+    "SSR",
+    "TRADES",
+    "AdversarialCE",
+    "GradientNorm",
+    "HessianNorm",
+    "IGNorm",
+    "ObjectiveTerm",
+    "frozen_norm_stats",
+    "integrated_loss_gradients",
+    "logit_jvp",
+    "logit_vjp",
+    "loss_hvp",
+]

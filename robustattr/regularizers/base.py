@@ -1,19 +1,56 @@
 """The seam for training objectives: a term adds ``weight * term(model, x, y)`` to the training loss.
 
 Terms are ``nn.Module``s so that they follow the LightningModule to its device and can hold buffers; they
-are given the bare network (not the LightningModule) and a batch in [0, 1], and return an unweighted scalar,
-which RobustClassifier logs as ``train/reg/<name>``.
+are given the bare network (not the LightningModule), a batch in [0, 1] and, when the term asks for it
+(``uses_clean_forward``), the logits of the training step's own forward on ``x`` (then ``x`` requires
+grad), which saves a forward pass. They return an unweighted scalar, logged as ``train/reg/<name>``.
+
+Rules every term follows (REFERENCE.md section 8): input gradients by ``torch.autograd.grad(create_graph=True)``,
+never ``.backward()``, so the training step ends in ONE ordinary backward of CE plus penalties (DDP-safe);
+extra forward passes run under `frozen_norm_stats`, so penalties never move BatchNorm statistics.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from robustattr.errors import ConfigError
+
+
+@contextmanager
+def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
+    """Forward passes inside leave BatchNorm running statistics as they were. Modules keep their mode: in
+    training mode they still normalise with batch statistics (the function being trained).
+
+    The update is prevented rather than undone: with momentum 0 the running averages are rewritten with their
+    own values (BatchNorm saves them for backward, so they must not be modified in place afterwards); only
+    the batch counter, which backward never reads, is restored."""
+    saved = [
+        (m, m.momentum, m.num_batches_tracked.clone())
+        for m in model.modules()
+        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats and m.num_batches_tracked is not None
+    ]
+    for module, _, _ in saved:
+        module.momentum = 0.0
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, momentum, count in saved:
+                module.momentum = momentum
+                module.num_batches_tracked.copy_(count)
+
+
+def _snake(name: str) -> str:
+    """GradientNorm -> gradient_norm, SSR -> ssr, IGNorm -> ig_norm."""
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
 
 
 class ObjectiveTerm(nn.Module):
@@ -22,17 +59,63 @@ class ObjectiveTerm(nn.Module):
     Args:
         weight: multiplier of the term in the training loss (non-negative, finite).
         name: the name it is logged under (``train/reg/<name>``); defaults to the class name in snake case.
+        warmup_epochs: ramp linearly over this many epochs (fractional epochs count): the weight, or for terms
+            whose paper ramps something else (CURE's step h), that quantity.
     """
 
-    def __init__(self, weight: float = 1.0, name: str | None = None) -> None:
+    second_order = False  # differentiates an input gradient: refuses fp16 autocast
+    curvature = False  # measures input curvature: warns on piecewise-linear networks
+    uses_clean_forward = False  # wants the training step's logits on x (x then requires grad)
+    ramps_weight = True
+    default_name: str | None = None
+
+    def __init__(self, weight: float = 1.0, name: str | None = None, warmup_epochs: float = 0.0) -> None:
         super().__init__()
         if not math.isfinite(weight) or weight < 0:
             raise ConfigError(f"{type(self).__name__}: weight must be finite and non-negative, got {weight}")
+        if warmup_epochs < 0:
+            raise ConfigError(f"{type(self).__name__}: warmup_epochs must be non-negative, got {warmup_epochs}")
         self.weight = float(weight)
-        self.name = name or re.sub(r"(?<!^)(?=[A-Z])", "_", type(self).__name__).lower()
+        self.name = name or self.default_name or _snake(type(self).__name__)
+        self.warmup_epochs = warmup_epochs
+        self.epoch = 0.0  # set by RobustClassifier before each training step (epochs as a float)
 
-    def forward(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    @property
+    def ramp(self) -> float:
+        """Warm-up progress in [0, 1]."""
+        return 1.0 if self.warmup_epochs <= 0 else min(1.0, self.epoch / self.warmup_epochs)
+
+    @property
+    def current_weight(self) -> float:
+        return self.weight * (self.ramp if self.ramps_weight else 1.0)
+
+    def piecewise_linear_note(self) -> str:
+        """What the term measures on a ReLU network (whose logits have zero input curvature)."""
+        return ""
+
+    def forward(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None
+    ) -> torch.Tensor:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, weight={self.weight}"
+        return f"name={self.name!r}, weight={self.weight}, warmup_epochs={self.warmup_epochs}"
+
+
+def per_sample_sq_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], -1).pow(2).sum(dim=1)
+
+
+def loss_input_gradient(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, logits, g) with ``g = d sum_i CE_i / dx`` kept in the graph (create_graph). Reuses ``logits`` when
+    they were computed from an ``x`` that requires grad; otherwise runs its own forward with frozen
+    BatchNorm statistics."""
+    if logits is None or not x.requires_grad:
+        x = x.detach().requires_grad_(True)
+        with frozen_norm_stats(model):
+            logits = model(x)
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+    (g,) = torch.autograd.grad(ce, x, create_graph=True)
+    return x, logits, g

@@ -1,0 +1,144 @@
+"""Objectives that need an inner maximisation: PGD adversarial training (and its fast FGSM variant),
+TRADES, IG-NORM and IG-SUM-NORM. The inner maximisation runs through the attack engine, in eval mode with
+parameters frozen (`gradient_context`); the outer loss runs in the network's own mode with BatchNorm
+statistics frozen, so only the training step's clean forward moves them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustattr.attacks.base import gradient_context
+from robustattr.attacks.gradient import PGD, projected_ascent
+from robustattr.attacks.threat import LinfBall
+from robustattr.errors import ConfigError
+from robustattr.regularizers.base import ObjectiveTerm, frozen_norm_stats
+
+
+class AdversarialCE(ObjectiveTerm):
+    """PGD adversarial training (Madry et al. 2018): the cross-entropy on ``attack(model, x, y)``.
+
+    The default attack is PGD with 10 steps of 2/255 at 8/255 from a fresh random start each step. The fast
+    variant (Wong et al. 2020) is ``attack: PGD(steps=1, step_size=1.25 * eps, random_start=True)``. Madry's
+    objective is ``ce_weight: 0`` with this term at weight 1."""
+
+    default_name = "pgd_at"
+
+    def __init__(
+        self, weight: float = 1.0, name: str | None = None, warmup_epochs: float = 0.0, attack: PGD | None = None
+    ):
+        super().__init__(weight, name, warmup_epochs)
+        self.attack = attack if attack is not None else PGD(LinfBall(8 / 255), steps=10, seed=None)
+
+    def forward(self, model, x, y, logits=None):
+        x_adv = self.attack(model, x.detach(), y)
+        with frozen_norm_stats(model):
+            return F.cross_entropy(model(x_adv), y)
+
+
+class TRADES(ObjectiveTerm):
+    """TRADES (Zhang et al. 2019): ``KL(f(x) || f(x'))`` with x' maximising it in the ball (PGD from
+    ``x + 0.001 N(0, 1)``); with the clean CE this is ``CE(x) + beta * KL``, beta = ``weight`` = 6."""
+
+    uses_clean_forward = True
+
+    def __init__(
+        self,
+        weight: float = 6.0,
+        name: str | None = None,
+        warmup_epochs: float = 0.0,
+        threat: LinfBall | None = None,
+        steps: int = 10,
+        step_size: float | None = None,
+        init_sigma: float = 0.001,
+    ):
+        super().__init__(weight, name, warmup_epochs)
+        self.threat = threat if threat is not None else LinfBall(8 / 255)
+        self.steps = steps
+        self.step_size = step_size if step_size is not None else 2.5 * self.threat.eps / steps
+        self.init_sigma = init_sigma
+
+    def forward(self, model, x, y, logits=None):
+        if logits is None:
+            with frozen_norm_stats(model):
+                logits = model(x)
+        p_clean = logits.softmax(dim=1)
+        x0 = x.detach()
+        with gradient_context(model):
+            target = p_clean.detach()
+            start = (x0 + self.init_sigma * torch.randn_like(x0)).clamp(0, 1)
+
+            def kl(x_adv: torch.Tensor) -> torch.Tensor:
+                return F.kl_div(model(x_adv).log_softmax(dim=1), target, reduction="sum")
+
+            x_adv = projected_ascent(kl, x0, self.threat, self.steps, self.step_size, start)
+        with frozen_norm_stats(model):
+            log_q = model(x_adv).log_softmax(dim=1)
+        return F.kl_div(log_q, p_clean, reduction="batchmean")
+
+
+def integrated_loss_gradients(
+    model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor, y: torch.Tensor, steps: int
+) -> torch.Tensor:
+    """IG of the per-sample loss along the straight path x -> x_adv (baseline x): ``(x_adv - x) * mean_k
+    grad CE(x + k/m (x_adv - x))``, differentiable in x_adv and in the parameters."""
+    total = torch.zeros_like(x_adv)
+    for k in range(1, steps + 1):
+        point = x + (k / steps) * (x_adv - x)
+        if not point.requires_grad:
+            point = point.requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(point), y, reduction="sum"), point, create_graph=True)
+        total = total + g
+    return (x_adv - x) * total / steps
+
+
+class IGNorm(ObjectiveTerm):
+    """IG-NORM (Chen et al. 2019): ``max_{x' in B(x, eps)} ||IG^loss(x, x')||_1``, the inner maximum by PGD
+    (7 steps of 2/255 at 8/255 from a random start, ``attack_ig_steps`` path points), the penalty with
+    ``ig_steps`` points (50). ``sum_norm=True`` gives IG-SUM-NORM, ``max_{x'} CE(x') + beta ||IG(x, x')||_1``,
+    which replaces the clean loss: use it with ``ce_weight: 0``."""
+
+    second_order = True
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        name: str | None = None,
+        warmup_epochs: float = 0.0,
+        threat: LinfBall | None = None,
+        attack_steps: int = 7,
+        attack_step_size: float = 2 / 255,
+        ig_steps: int = 50,
+        attack_ig_steps: int = 10,
+        sum_norm: bool = False,
+        beta: float = 1.0,
+    ):
+        super().__init__(weight, name or ("ig_sum_norm" if sum_norm else "ig_norm"), warmup_epochs)
+        if min(attack_steps, ig_steps, attack_ig_steps) < 1:
+            raise ConfigError("IGNorm: attack_steps, ig_steps and attack_ig_steps must be at least 1")
+        self.threat = threat if threat is not None else LinfBall(8 / 255)
+        self.attack_steps = attack_steps
+        self.attack_step_size = attack_step_size
+        self.ig_steps = ig_steps
+        self.attack_ig_steps = attack_ig_steps
+        self.sum_norm = sum_norm
+        self.beta = beta
+
+    def _objective(self, model, x, x_adv, y, steps) -> torch.Tensor:
+        ig = integrated_loss_gradients(model, x, x_adv, y, steps).reshape(x.shape[0], -1).abs().sum(dim=1)
+        if not self.sum_norm:
+            return ig
+        return F.cross_entropy(model(x_adv), y, reduction="none") + self.beta * ig
+
+    def forward(self, model, x, y, logits=None):
+        x0 = x.detach()
+        with gradient_context(model):
+            start = self.threat.random_start(x0)  # at x' = x the IG is zero, and so is its gradient
+            x_adv = projected_ascent(
+                lambda xa: self._objective(model, x0, xa, y, self.attack_ig_steps).sum(),
+                x0, self.threat, self.attack_steps, self.attack_step_size, start,
+            )  # fmt: skip
+        with frozen_norm_stats(model):
+            return self._objective(model, x0, x_adv, y, self.ig_steps).mean()
