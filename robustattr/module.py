@@ -41,7 +41,7 @@ class RobustClassifier(pl.LightningModule):
         weights: initialise the network from a local file (a train.py checkpoint, a state dict, safetensors),
             e.g. to fine-tune a ReLU model with softplus activations; loaded with ``weights_only=True``.
         nonfinite: what a NaN or infinite training loss does: ``"raise"`` stops with an error naming the term
-            and the step; ``"skip"`` warns and skips the step.
+            and the step; ``"skip"`` warns and skips the parameter update (single process only).
 
     Logs ``train/loss``, ``train/ce``, ``train/acc``, ``train/reg/<name>`` per term, ``val/loss``, ``val/acc``,
     ``test/loss``, ``test/acc``.
@@ -105,6 +105,11 @@ class RobustClassifier(pl.LightningModule):
             )
         if stage == "fit" and self._trainer is not None:
             self._check_terms(str(self.trainer.precision))
+            if self.nonfinite == "skip" and self.trainer.world_size > 1:
+                raise ConfigError(
+                    "model.nonfinite: skip is not supported under DDP (a skipped step on one process would leave "
+                    "the others waiting in the gradient all-reduce); use raise"
+                )
 
     def _check_terms(self, precision: str) -> None:
         second_order = [t.name for t in self.terms if t.second_order]
