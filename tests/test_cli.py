@@ -44,6 +44,8 @@ def _cpu_args(config_path: Path, tmp_path: Path) -> list[str]:
         args += ["--data", DIGITS_AS_CIFAR]
         if config["model"]["net"].get("init_args", {}).get("num_classes", 10) != 10:
             args += ["--model.net.init_args.num_classes", "10"]  # an ImageNet head on the 10 digits
+    if config["model"].get("weights"):
+        args += ["--model.weights", "null"]  # fine-tuning configs start from a run of yours (tested below)
     return args
 
 
@@ -197,3 +199,19 @@ def test_class_count_mismatch_is_a_one_line_error(tmp_path, capsys):
              + ["--trainer.logger", "false", "--model.net.init_args.num_classes", "7"])  # fmt: skip
     assert info.value.code == 1
     assert "predicts 7 classes but DigitsDataModule has 10" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_finetune_config_loads_its_weights_and_names_a_missing_file(tmp_path, capsys):
+    path = ROOT / "configs" / "cifar_softplus_finetune.yaml"
+    args = _cpu_args(path, tmp_path)[:-2] + QUIET + ["--trainer.fast_dev_run", "1", "--data.init_args.batch_size", "4"]
+    with pytest.raises(SystemExit) as info:
+        main([*args, "--model.weights", str(tmp_path / "missing.ckpt")])
+    assert info.value.code == 1 and "missing.ckpt: no such file" in capsys.readouterr().err
+    from robustattr.models import ResNet18
+
+    relu = ResNet18()
+    torch.save({"state_dict": {f"net.{k}": v for k, v in relu.state_dict().items()}}, tmp_path / "relu.ckpt")
+    cli = RobustCLI(args=[*args, "--model.weights", str(tmp_path / "relu.ckpt")])
+    torch.testing.assert_close(cli.model.net.fc.weight, relu.fc.weight)
+    assert isinstance(cli.model.net.stem[2], torch.nn.Softplus)
