@@ -64,6 +64,8 @@ class ExplanationAttack:
         seed: seed of random starts and random directions.
     """
 
+    short_name = "explanation"
+
     tracks_best = True  # keep the eligible iterate with the highest score (the random baseline keeps the last)
 
     def __init__(
@@ -211,6 +213,8 @@ class TopKAttack(ExplanationAttack):
     """Drain attribution mass from the clean map's top-k pixels: ``D = -sum_{p in topk(I(x))} I(x')_p``.
     Damage score: ``1 - top-k intersection``."""
 
+    short_name = "topk"
+
     def context(self, maps_clean, x, logits):
         ctx = super().context(maps_clean, x, logits)
         ctx["mask"] = topk_mask(maps_clean, ctx["k"]).to(maps_clean.dtype)
@@ -225,6 +229,8 @@ class TopKAttack(ExplanationAttack):
 
 class MassCenterAttack(ExplanationAttack):
     """Move the map's centre of mass: ``D = ||C(I(x')) - C(I(x))||^2``. Damage score: the shift in pixels."""
+
+    short_name = "mass_center"
 
     def context(self, maps_clean, x, logits):
         ctx = super().context(maps_clean, x, logits)
@@ -242,6 +248,8 @@ class TargetedAttack(ExplanationAttack):
     """Push attribution mass into a target region: ``D = sum_p I(x')_p T_p`` for a binary mask T. ``region`` is
     (row start, row end, column start, column end) as fractions of the image; ``mask`` (H, W) overrides it.
     Damage score: the share of the map's mass inside the region."""
+
+    short_name = "targeted"
 
     def __init__(
         self, *args: Any, region: tuple[float, float, float, float] = (0.0, 0.5, 0.0, 0.5), **kwargs: Any
@@ -280,6 +288,8 @@ class TargetMapAttack(ExplanationAttack):
     ``step_size``), projected onto the ball after each step. ``h`` is the pixel map normalised to sum 1; the
     target of each sample is the clean map of another image of the batch (the next one). Damage score:
     ``-||h(x') - h_t||^2`` (higher: closer to the target)."""
+
+    short_name = "target_map"
 
     def __init__(self, *args: Any, gamma: float = 1e6, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -320,6 +330,8 @@ class RandomSignAttack(ExplanationAttack):
     ``x + eps * sign(N(0, I))`` as in the paper; more steps give the code's random walk). No gradient, no
     selection: the last label-preserving iterate is kept. Damage score: ``1 - top-k intersection``, so it
     compares directly with `TopKAttack`."""
+
+    short_name = "random_sign"
 
     tracks_best = False
     uses_gradient = False

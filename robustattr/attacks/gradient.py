@@ -38,6 +38,8 @@ class PGD:
             the global RNG (fresh starts on every call, as adversarial training wants).
     """
 
+    short_name = "pgd"
+
     def __init__(
         self,
         threat: ThreatModel | None = None,
@@ -145,6 +147,8 @@ class PGD:
 class BIM(PGD):
     """Basic iterative method (I-FGSM): PGD from x itself, no random start, one run."""
 
+    short_name = "bim"
+
     def __init__(
         self,
         threat: ThreatModel | None = None,
@@ -159,6 +163,8 @@ class BIM(PGD):
 
 class FGSM(PGD):
     """Fast gradient sign method: one step of size eps (L2: one normalised-gradient step of length eps)."""
+
+    short_name = "fgsm"
 
     def __init__(self, threat: ThreatModel | None = None, target: TargetMode = "none", seed: int | None = 0) -> None:
         super().__init__(threat, 1, None, False, 1, target, False, seed)

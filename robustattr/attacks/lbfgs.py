@@ -48,6 +48,8 @@ class LBFGS:
         seed: seed of random targets.
     """
 
+    short_name = "lbfgs"
+
     def __init__(
         self,
         target: TargetMode = "random",

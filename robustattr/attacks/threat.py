@@ -52,6 +52,11 @@ class ThreatModel:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(eps={self.eps:.6g})"
 
+    @property
+    def label(self) -> str:
+        """A short name for logged metrics: ``linf8`` for 8/255, ``l2_0.5``."""
+        raise NotImplementedError
+
 
 class LinfBall(ThreatModel):
     """``||x' - x||_inf <= eps``; sign-gradient steps; projection is exact (a box inside a box)."""
@@ -61,6 +66,10 @@ class LinfBall(ThreatModel):
         if eps > 1:
             raise ConfigError(f"LinfBall: eps={eps} exceeds the whole [0, 1] pixel range (8/255 = 0.0313725)")
         return eps
+
+    @property
+    def label(self) -> str:
+        return f"linf{self.eps * 255:.3g}"
 
     def norm(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.reshape(delta.shape[0], -1).abs().amax(dim=1)
@@ -78,6 +87,10 @@ class LinfBall(ThreatModel):
 
 class L2Ball(ThreatModel):
     """``||x' - x||_2 <= eps``; normalised-gradient steps; projection onto the ball, then the box."""
+
+    @property
+    def label(self) -> str:
+        return f"l2_{self.eps:.3g}"
 
     def norm(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.reshape(delta.shape[0], -1).norm(dim=1)

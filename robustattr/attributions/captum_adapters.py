@@ -44,6 +44,8 @@ class CaptumAttribution(Attribution):
 class DeepLift(CaptumAttribution):
     """DeepLIFT, Rescale rule (Shrikumar et al. 2017), against a constant baseline image (black)."""
 
+    short_name = "deeplift"
+
     method = captum.attr.DeepLift
 
     def __init__(self, baseline: float = 0.0) -> None:
@@ -56,6 +58,8 @@ class DeepLift(CaptumAttribution):
 
 class GradientShap(CaptumAttribution):
     """GradientSHAP (Lundberg & Lee 2017): expected gradients over black and white baselines, seeded."""
+
+    short_name = "gradient_shap"
 
     method = captum.attr.GradientShap
 
@@ -85,6 +89,8 @@ class GradientShap(CaptumAttribution):
 class Occlusion(CaptumAttribution):
     """Occlusion (Zeiler & Fergus 2014): the score drop when a ``window`` x ``window`` patch is set to
     ``baseline``, sliding by ``stride``."""
+
+    short_name = "occlusion"
 
     method = captum.attr.Occlusion
 

@@ -93,6 +93,8 @@ class Attribution:
 class Saliency(Attribution):
     """Simple gradient ``d score_y / dx`` (Simonyan et al. 2014), signed; the pixel map takes absolute values."""
 
+    short_name = "saliency"
+
     def attribute(self, model, x, target, create_graph):
         return self.input_gradient(model, x, target, create_graph)
 
@@ -102,6 +104,8 @@ class Saliency(Attribution):
 
 class GradientXInput(Attribution):
     """``x * d score_y / dx`` (Shrikumar et al. 2016)."""
+
+    short_name = "grad_x_input"
 
     def attribute(self, model, x, target, create_graph):
         return x * self.input_gradient(model, x, target, create_graph)
@@ -149,6 +153,8 @@ class IntegratedGradients(_PathAverage):
     Completeness: ``sum(A) ~ score(x) - score(x0)``, closer as ``steps`` grows.
     """
 
+    short_name = "ig"
+
     def __init__(self, steps: int = 50, baseline: float = 0.0, output: Output = "logit", chunk: int = 10) -> None:
         super().__init__(steps, chunk, output)
         self.baseline = baseline
@@ -165,6 +171,8 @@ class IntegratedGradients(_PathAverage):
 class SmoothGrad(_PathAverage):
     """SmoothGrad (Smilkov et al. 2017): mean gradient over ``samples`` copies ``x + N(0, sigma^2)``; sigma is in
     pixel units of [0, 1] images (0.15 = 15% of the input range)."""
+
+    short_name = "smoothgrad"
 
     def __init__(
         self, samples: int = 50, sigma: float = 0.15, output: Output = "logit", chunk: int = 25, seed: int = 0
@@ -183,6 +191,8 @@ class SmoothGrad(_PathAverage):
 class UniformGradient(_PathAverage):
     """Uniform Gradient (Wang et al. 2020): mean gradient over ``x + U[-r, r]^d``, r = ``radius`` times the input
     range (0.2 by default); smooths attributions without retraining."""
+
+    short_name = "uniform_gradient"
 
     def __init__(
         self, samples: int = 50, radius: float = 0.2, output: Output = "logit", chunk: int = 25, seed: int = 0

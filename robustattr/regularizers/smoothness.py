@@ -200,7 +200,11 @@ class HessianNorm(ObjectiveTerm):
         self.seed = seed
 
     def piecewise_linear_note(self) -> str:
-        return f"{_RELU_NOTE}; this term measures the norm of that Gauss-Newton part"
+        return (
+            f"{_RELU_NOTE}; this term measures the norm of that Gauss-Newton part, except with BatchNorm, where its "
+            "finite-difference products also see jumps between linear regions (values can explode): prefer SSR "
+            "or a smooth activation there"
+        )
 
     def forward(self, model, x, y, logits=None):
         batchnorm = has_batchnorm(model)

@@ -1,0 +1,127 @@
+"""Attribution panels: what an explanation attack does to a few fixed examples, as images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from matplotlib.figure import Figure  # not pyplot: no global backend or figure state in the user's process
+from pytorch_lightning.loggers import WandbLogger
+
+from robustattr.attacks import ExplanationAttack, TopKAttack
+from robustattr.attacks.base import gradient_context
+from robustattr.attributions import Attribution
+from robustattr.callbacks.base import eval_dataset
+from robustattr.errors import ConfigError
+from robustattr.metrics import center_shift, default_k, spearman, topk_intersection, topk_mask
+
+COLUMNS = ["clean", "clean map", "attacked", "attacked map", "top-k clean", "top-k attacked"]
+
+
+def _image(t: torch.Tensor) -> np.ndarray:
+    array = t.detach().float().cpu().clamp(0, 1).numpy()
+    return array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
+
+
+class AttributionPanels(pl.Callback):
+    """Every ``every_n_epochs`` validation epochs, attacks the explanation of ``num_examples`` fixed, seeded
+    examples and logs, from rank 0 only: a W&B image of the panel grid (clean image, its map, attacked image,
+    its map, both top-k masks, per example) under ``val/panels``, and a W&B table with the same images and
+    each example's metric values under ``val/panels_table``. With any logger the grid is also saved as
+    ``panels/val_epoch<N>.png`` in the run directory."""
+
+    def __init__(
+        self,
+        attribution: Attribution | None = None,
+        attack: ExplanationAttack | None = None,
+        num_examples: int = 4,
+        every_n_epochs: int = 5,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_examples < 1 or every_n_epochs < 1:
+            raise ConfigError("AttributionPanels: num_examples and every_n_epochs must be positive")
+        self.attack = attack if attack is not None else TopKAttack(steps=20)
+        self.attack.attribution = attribution if attribution is not None else self.attack.attribution
+        self.attribution = self.attack.attribution
+        self.num_examples = num_examples
+        self.every_n_epochs = every_n_epochs
+        self.seed = seed
+        self.last_png: Path | None = None
+
+    def _examples(self, trainer: pl.Trainer, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        dataset = eval_dataset(trainer, stage)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
+        samples = [dataset[i] for i in order[: self.num_examples].tolist()]
+        return torch.stack([torch.as_tensor(s[0]) for s in samples]), torch.as_tensor([int(s[1]) for s in samples])
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        if trainer.state.fn == "fit" and (trainer.current_epoch + 1) % self.every_n_epochs != 0:
+            return
+        self.log_panels(trainer, pl_module, "val")
+
+    def log_panels(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        x, y = self._examples(trainer, stage)
+        with gradient_context(pl_module):
+            result = self.attack.with_eps(self.attack.threat.eps).run(pl_module, x.to(pl_module.device), y)
+        clean, adv = result.maps_clean.cpu(), result.maps_adv.cpu()
+        k = self.attack.k or default_k(*clean.shape[1:])
+        masks = (topk_mask(clean, k), topk_mask(adv, k))
+        values = {
+            "label kept": result.kept.float().cpu(),
+            "top-k intersection": topk_intersection(clean, adv, k),
+            "spearman": spearman(clean, adv),
+            "center shift": center_shift(clean, adv),
+        }
+        figure = self._figure(x, result.x_adv.cpu(), clean, adv, masks, values, trainer.current_epoch)
+        self._save_png(trainer, figure, stage)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                self._log_wandb(logger, figure, x, result.x_adv.cpu(), clean, adv, masks, values, stage)
+
+    def _figure(self, x, x_adv, clean, adv, masks, values, epoch):
+        n = x.shape[0]
+        figure = Figure(figsize=(2 * len(COLUMNS), 2.1 * n))
+        axes = figure.subplots(n, len(COLUMNS), squeeze=False)
+        for i in range(n):
+            panels = [_image(x[i]), clean[i], _image(x_adv[i]), adv[i], masks[0][i].float(), masks[1][i].float()]
+            for j, (ax, panel) in enumerate(zip(axes[i], panels, strict=True)):
+                cmap = "gray" if j in (0, 2) and np.ndim(panel) == 2 else ("magma" if j in (1, 3) else "Greens")
+                ax.imshow(np.asarray(panel), cmap=cmap)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(COLUMNS[j], fontsize=9)
+            summary = ", ".join(f"{name} {v[i]:.2f}" for name, v in values.items() if name != "label kept")
+            axes[i][0].set_ylabel(f"#{i}", fontsize=8)
+            axes[i][3].set_xlabel(summary, fontsize=7)
+        figure.suptitle(
+            f"{type(self.attack).__name__} on {type(self.attribution).__name__}, {self.attack.threat.label}, "
+            f"epoch {epoch}",
+            fontsize=10,
+        )
+        figure.tight_layout()
+        return figure
+
+    def _save_png(self, trainer, figure, stage) -> None:
+        from robustattr.cli import run_dir
+
+        folder = run_dir(trainer) / "panels"
+        folder.mkdir(parents=True, exist_ok=True)
+        self.last_png = folder / f"{stage}_epoch{trainer.current_epoch:03d}.png"
+        figure.savefig(self.last_png, dpi=90)
+
+    def _log_wandb(self, logger, figure, x, x_adv, clean, adv, masks, values, stage) -> None:
+        import wandb
+
+        logger.log_image(key=f"{stage}/panels", images=[wandb.Image(figure)])
+        rows = []
+        for i in range(x.shape[0]):
+            images = [_image(x[i]), clean[i].numpy(), _image(x_adv[i]), adv[i].numpy()]
+            images += [masks[0][i].float().numpy(), masks[1][i].float().numpy()]
+            rows.append([wandb.Image(img) for img in images] + [float(v[i]) for v in values.values()])
+        logger.log_table(key=f"{stage}/panels_table", columns=COLUMNS + list(values), data=rows)
