@@ -88,13 +88,16 @@ class AttackCallback(pl.Callback):
         dataset = eval_dataset(trainer, stage)
         key = (stage, id(dataset))
         if key not in self._subsets:
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
-            index = order[: self.num_samples].tolist()
-            samples = [dataset[i] for i in index]
-            x = torch.stack([torch.as_tensor(s[0]) for s in samples])
-            y = torch.as_tensor([int(s[1]) for s in samples])
-            self._subsets[key] = (x, y)
+            with torch.inference_mode(False):  # cached across stages: never as inference tensors
+                self._subsets[key] = self._take(dataset)
         return self._subsets[key]
+
+    def _take(self, dataset: torch.utils.data.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
+        samples = [dataset[i] for i in order[: self.num_samples].tolist()]
+        x = torch.stack([torch.as_tensor(s[0]) for s in samples])
+        y = torch.as_tensor([int(s[1]) for s in samples])
+        return x, y
 
     def chunks(self, n: int, rank: int, world: int) -> Iterator[tuple[int, slice]]:
         for c, start in enumerate(range(0, n, self.batch_size)):
@@ -117,8 +120,8 @@ class AttackCallback(pl.Callback):
         x_all, y_all = self.subset(trainer, stage)
         with gradient_context(pl_module):
             for c, part in self.chunks(len(x_all), trainer.global_rank, trainer.world_size):
-                x = x_all[part].to(pl_module.device)
-                y = y_all[part].to(pl_module.device)
+                x = x_all[part].to(pl_module.device).clone()  # fresh tensors, whatever the caller's mode
+                y = y_all[part].to(pl_module.device).clone()
                 self.process(pl_module, x, y, self.seed + c)
         values = {name: metric.compute() for name, metric in metrics.items()}  # syncs across processes
         for name, value in values.items():
