@@ -105,7 +105,9 @@ class AttackCallback(pl.Callback):
                 yield c, slice(start, min(start + self.batch_size, n))
 
     def _due(self, trainer: pl.Trainer) -> bool:
-        if trainer.sanity_checking:
+        # fast_dev_run is a smoke test of the training code: like Lightning's checkpointing and logging, these
+        # validation extras (which cost seconds to minutes) step aside.
+        if trainer.sanity_checking or trainer.fast_dev_run:
             return False
         if not trainer.training and trainer.state.fn != "fit":
             return True  # trainer.validate / trainer.test
@@ -139,7 +141,8 @@ class AttackCallback(pl.Callback):
             self.run(trainer, pl_module, "val")
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.run(trainer, pl_module, "test")
+        if not trainer.fast_dev_run:
+            self.run(trainer, pl_module, "test")
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """W&B summaries keep each metric's best value (max or min), so dashboards show the best epoch."""

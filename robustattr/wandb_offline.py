@@ -28,6 +28,21 @@ class OfflineRun:
         """Every logged value of ``key``, in step order."""
         return [row[key] for row in self.history if key in row]
 
+    def media(self, key: str) -> list[dict[str, Any]]:
+        """Every logged media entry of ``key`` (images, tables), as dicts with ``_type``, ``filenames`` or
+        ``path``, ...; the files lie under the run's ``files/`` folder."""
+        prefix = f"{key}."
+        entries = []
+        for row in self.history:
+            fields = {k[len(prefix) :]: v for k, v in row.items() if k.startswith(prefix)}
+            if fields:
+                entries.append(fields)
+        return entries
+
+    @property
+    def files(self) -> Path:
+        return self.path.parent / "files"
+
 
 def find_offline_runs(save_dir: str | Path) -> list[Path]:
     """The ``run-*.wandb`` files under ``save_dir`` (the WandbLogger ``save_dir``), oldest first."""

@@ -137,3 +137,53 @@ def test_panels_are_saved_with_any_logger(trained, tmp_path):
     trainer.validate(trained, datamodule=DigitsDataModule(), verbose=False)
     assert panels.last_png is not None and panels.last_png.is_file()
     assert panels.last_png.parent.parent == tmp_path / "lightning_logs" / "version_0"
+
+
+def _small_callbacks(panels_every=1):
+    return [
+        AdversarialValidation(attacks=[BIM(steps=2)], num_samples=16),
+        FragilityValidation(attacks=[TopKAttack(steps=2), RandomSignAttack()], num_samples=16),
+        CurvatureMonitor(num_samples=16, power_iters=2),
+        AttributionPanels(attack=TopKAttack(steps=2), num_examples=2, every_n_epochs=panels_every),
+    ]
+
+
+@pytest.mark.slow
+def test_offline_wandb_run_holds_scalars_best_value_summaries_and_panels(tmp_path):
+    from pytorch_lightning.loggers import WandbLogger
+
+    from robustattr.wandb_offline import find_offline_runs, read_offline_run
+
+    pl.seed_everything(0)
+    logger = WandbLogger(project="robustattr-test", save_dir=str(tmp_path), offline=True)
+    trainer = _trainer(tmp_path, _small_callbacks(), max_epochs=2, logger=logger)
+    trainer.fit(RobustClassifier(SmallCNN(width=8)), datamodule=DigitsDataModule())
+    logger.experiment.finish()
+    (path,) = find_offline_runs(tmp_path)
+    run = read_offline_run(path)
+    name = "val/frag/saliency/topk_linf8/topk_intersection"
+    values = run.values(name)
+    assert len(values) == 2 and len(run.values("val/adv/bim_linf8/acc")) == 2
+    assert run.values("val/curv/hessian_top_eig") and run.values("val/time/frag")
+    assert run.summary[name] == {"max": max(values)}  # define_metric: dashboards show the best value
+    assert run.summary["val/frag/saliency/topk_linf8/center_shift"]["min"] == min(
+        run.values("val/frag/saliency/topk_linf8/center_shift")
+    )
+    images, tables = run.media("val/panels"), run.media("val/panels_table")
+    assert len(images) == 2 and len(tables) == 2
+    assert images[0]["_type"] == "images/separated" and (run.files / images[0]["filenames"][0]).is_file()
+    assert tables[0]["_type"] == "table-file" and (run.files / tables[0]["path"]).is_file()
+
+
+@pytest.mark.slow
+def test_metrics_work_with_the_tensorboard_logger(tmp_path):
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    pl.seed_everything(0)
+    trainer = _trainer(tmp_path, _small_callbacks(), logger=TensorBoardLogger(tmp_path))
+    trainer.fit(RobustClassifier(SmallCNN(width=8)), datamodule=DigitsDataModule())
+    (events,) = (tmp_path / "lightning_logs" / "version_0").glob("events.out.tfevents.*")
+    content = events.read_bytes()
+    for tag in (b"val/frag/saliency/topk_linf8/spearman", b"val/adv/bim_linf8/acc", b"val/curv/grad_norm"):
+        assert tag in content
+    assert (tmp_path / "lightning_logs" / "version_0" / "panels" / "val_epoch000.png").is_file()
