@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 from matplotlib.figure import Figure  # not pyplot: no global backend or figure state in the user's process
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_info
 
 from robustattr.attacks import ExplanationAttack, TopKAttack
 from robustattr.attacks.base import gradient_context
@@ -50,6 +52,7 @@ class AttributionPanels(pl.Callback):
         self.every_n_epochs = every_n_epochs
         self.seed = seed
         self.last_png: Path | None = None
+        self.last_seconds: float | None = None
 
     def _examples(self, trainer: pl.Trainer, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         dataset = eval_dataset(trainer, stage)
@@ -65,6 +68,7 @@ class AttributionPanels(pl.Callback):
         self.log_panels(trainer, pl_module, "val")
 
     def log_panels(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        start = time.perf_counter()
         x, y = self._examples(trainer, stage)
         with gradient_context(pl_module):
             result = self.attack.with_eps(self.attack.threat.eps).run(pl_module, x.to(pl_module.device), y)
@@ -82,6 +86,8 @@ class AttributionPanels(pl.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 self._log_wandb(logger, figure, x, result.x_adv.cpu(), clean, adv, masks, values, stage)
+        self.last_seconds = time.perf_counter() - start
+        rank_zero_info(f"AttributionPanels: {self.last_seconds:.2f} s (epoch {trainer.current_epoch})")
 
     def _figure(self, x, x_adv, clean, adv, masks, values, epoch):
         n = x.shape[0]
