@@ -27,6 +27,28 @@ def _image(t: torch.Tensor) -> np.ndarray:
     return array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
 
 
+def panel_figure(x, x_adv, clean, adv, masks, values, title: str) -> Figure:
+    """Rows of examples: clean image, its map, attacked image, its map, both top-k masks; metric values below."""
+    n = x.shape[0]
+    figure = Figure(figsize=(2 * len(COLUMNS), 2.1 * n))
+    axes = figure.subplots(n, len(COLUMNS), squeeze=False)
+    for i in range(n):
+        panels = [_image(x[i]), clean[i], _image(x_adv[i]), adv[i], masks[0][i].float(), masks[1][i].float()]
+        for j, (ax, panel) in enumerate(zip(axes[i], panels, strict=True)):
+            cmap = "gray" if j in (0, 2) and np.ndim(panel) == 2 else ("magma" if j in (1, 3) else "Greens")
+            ax.imshow(np.asarray(panel), cmap=cmap)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(COLUMNS[j], fontsize=9)
+        summary = ", ".join(f"{name} {v[i]:.2f}" for name, v in values.items() if name != "label kept")
+        axes[i][0].set_ylabel(f"#{i}", fontsize=8)
+        axes[i][3].set_xlabel(summary, fontsize=7)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
 class AttributionPanels(pl.Callback):
     """Every ``every_n_epochs`` validation epochs, attacks the explanation of ``num_examples`` fixed, seeded
     examples and logs, from rank 0 only: a W&B image of the panel grid (clean image, its map, attacked image,
@@ -90,28 +112,11 @@ class AttributionPanels(pl.Callback):
         rank_zero_info(f"AttributionPanels: {self.last_seconds:.2f} s (epoch {trainer.current_epoch})")
 
     def _figure(self, x, x_adv, clean, adv, masks, values, epoch):
-        n = x.shape[0]
-        figure = Figure(figsize=(2 * len(COLUMNS), 2.1 * n))
-        axes = figure.subplots(n, len(COLUMNS), squeeze=False)
-        for i in range(n):
-            panels = [_image(x[i]), clean[i], _image(x_adv[i]), adv[i], masks[0][i].float(), masks[1][i].float()]
-            for j, (ax, panel) in enumerate(zip(axes[i], panels, strict=True)):
-                cmap = "gray" if j in (0, 2) and np.ndim(panel) == 2 else ("magma" if j in (1, 3) else "Greens")
-                ax.imshow(np.asarray(panel), cmap=cmap)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if i == 0:
-                    ax.set_title(COLUMNS[j], fontsize=9)
-            summary = ", ".join(f"{name} {v[i]:.2f}" for name, v in values.items() if name != "label kept")
-            axes[i][0].set_ylabel(f"#{i}", fontsize=8)
-            axes[i][3].set_xlabel(summary, fontsize=7)
-        figure.suptitle(
+        title = (
             f"{type(self.attack).__name__} on {type(self.attribution).__name__}, {self.attack.threat.label}, "
-            f"epoch {epoch}",
-            fontsize=10,
+            f"epoch {epoch}"
         )
-        figure.tight_layout()
-        return figure
+        return panel_figure(x, x_adv, clean, adv, masks, values, title)
 
     def _save_png(self, trainer, figure, stage) -> None:
         from robustattr.cli import run_dir

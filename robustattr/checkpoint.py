@@ -66,7 +66,13 @@ def load_classifier(
     path: str | Path, trusted_prefixes: Sequence[str] = (), map_location: str = "cpu"
 ) -> RobustClassifier:
     """The RobustClassifier saved in ``path`` (a Lightning checkpoint from train.py), in eval mode."""
-    checkpoint = safe_torch_load(path)
+    return classifier_from_checkpoint(safe_torch_load(path), path, trusted_prefixes, map_location)
+
+
+def classifier_from_checkpoint(
+    checkpoint: Any, path: str | Path = "checkpoint", trusted_prefixes: Sequence[str] = (), map_location: str = "cpu"
+) -> RobustClassifier:
+    """`load_classifier` for a checkpoint already read with ``weights_only=True``."""
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise RobustAttrError(f"{path}: not a Lightning checkpoint (no 'state_dict' entry)")
     config = model_config(checkpoint, path)

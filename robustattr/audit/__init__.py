@@ -1,0 +1,35 @@
+"""Checkpoint audits (the engine behind evaluate.py): sections, safe loading, reports."""
+
+from robustattr.audit.engine import build_data, main, run_audit
+from robustattr.audit.loading import AuditedModel, build_net, load_model
+from robustattr.audit.sections import (
+    AttributionTransfer,
+    AuditData,
+    Curvature,
+    ExplainingAway,
+    ExplanationFragility,
+    RobustnessCurves,
+    Section,
+    SemanticDirections,
+    SmoothingWithoutRetraining,
+    Transferability,
+)
+
+__all__ = [
+    "AttributionTransfer",
+    "AuditData",
+    "AuditedModel",
+    "Curvature",
+    "ExplainingAway",
+    "ExplanationFragility",
+    "RobustnessCurves",
+    "Section",
+    "SemanticDirections",
+    "SmoothingWithoutRetraining",
+    "Transferability",
+    "build_data",
+    "build_net",
+    "load_model",
+    "main",
+    "run_audit",
+]
