@@ -170,3 +170,13 @@ def test_gradient_context_restores_requires_grad_flags():
     before = [p.requires_grad for p in net.parameters()]
     BIM(LinfBall(0.1), steps=1)(net, *_data())
     assert [p.requires_grad for p in net.parameters()] == before
+
+
+def test_mass_center_attack_moves_on_a_smooth_network():
+    """At x itself the mass-center distance is at its minimum (zero gradient): the attack starts at random."""
+    x, y = _data()
+    net = SmallCNN(width=8, activation=nn.Softplus).eval()
+    result = MassCenterAttack(threat=LinfBall(0.1), steps=3, beta=None).run(net, x, y)
+    assert result.kept.any() and (result.score[result.kept] > 0).all()
+    with pytest.raises(SecondOrderZeroError, match="random_start"):
+        MassCenterAttack(threat=LinfBall(0.1), steps=3, beta=None, random_start=False)(net, x, y)

@@ -228,9 +228,15 @@ class TopKAttack(ExplanationAttack):
 
 
 class MassCenterAttack(ExplanationAttack):
-    """Move the map's centre of mass: ``D = ||C(I(x')) - C(I(x))||^2``. Damage score: the shift in pixels."""
+    """Move the map's centre of mass: ``D = ||C(I(x')) - C(I(x))||^2``. Damage score: the shift in pixels.
+
+    It starts from a random point of the ball by default: at x' = x the objective is at its minimum, so its
+    gradient is zero and the first step would go nowhere on a smooth network."""
 
     short_name = "mass_center"
+
+    def __init__(self, *args: Any, random_start: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, random_start=random_start, **kwargs)
 
     def context(self, maps_clean, x, logits):
         ctx = super().context(maps_clean, x, logits)

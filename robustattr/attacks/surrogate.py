@@ -80,7 +80,8 @@ def require_second_order(grad: torch.Tensor | None, what: str) -> None:
     """Raise when ``grad`` (a gradient through a gradient) is missing or identically zero."""
     if grad is None or not bool((grad != 0).any()):
         raise SecondOrderZeroError(
-            f"{what}: the second-order gradient is identically zero, so this would silently do nothing. The "
-            "network is piecewise linear (ReLU-like), whose gradient map has no curvature: use a softplus "
-            "surrogate (surrogate=BetaSchedule(10.0)) or a smooth activation."
+            f"{what}: the second-order gradient is identically zero, so this would silently do nothing. Usual "
+            "cause: the network is piecewise linear (ReLU-like), whose gradient map has no curvature: use a "
+            "softplus surrogate (beta=10.0) or a smooth activation. An objective at its minimum where the attack "
+            "starts (a distance to the clean map, at x itself) also gives zero: use random_start."
         )

@@ -36,13 +36,17 @@ def safe_torch_load(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = next(
+            (line for line in lines if "global" in line.lower() or "unsupported" in line.lower()),
+            lines[0] if lines else type(err).__name__,
+        )
+        if "global" in str(err).lower():  # the pickle's GLOBAL opcode names a function or class to call: code
             raise UnsafeCheckpointError(
                 f"{path}: refused to load: the file's pickle references code or objects beyond tensors and "
-                f"plain containers, and such code is never executed here ({first})"
+                f"plain containers, and such code is never executed here ({detail})"
             ) from err
-        raise RobustAttrError(f"{path}: not a readable PyTorch file (corrupted or truncated?): {first}") from err
+        raise RobustAttrError(f"{path}: not a readable PyTorch file (corrupted or truncated?): {detail}") from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RobustAttrError(f"{path}: not a readable PyTorch file (corrupted or truncated?): {first}") from err
