@@ -13,6 +13,7 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from jsonargparse import ArgumentParser
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import robustattr
@@ -111,6 +112,7 @@ def run_audit(
             results[section.name] = {}
             for model, hashes in jobs:
                 label = section.name if model is None else f"{section.name} [{model.name}]"
+                label = escape(label)  # rich would read "[...]" as markup
                 path = cache / f"{section.name}-{_key(section.name, section.settings(), data_key, hashes)}.json"
                 if path.is_file():
                     result = json.loads(path.read_text())
