@@ -15,7 +15,8 @@ from robustattr.module import RobustClassifier
 from robustattr.wandb_offline import find_offline_runs, read_offline_run
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.name.startswith("audit"))
+AUDIT_CONFIGS = sorted((ROOT / "configs").glob("audit*.yaml"))
 DIGITS_AS_CIFAR = json.dumps(
     {"class_path": "robustattr.data.DigitsDataModule", "init_args": {"image_size": 32, "channels": 3, "num_workers": 0}}
 )
@@ -215,3 +216,17 @@ def test_finetune_config_loads_its_weights_and_names_a_missing_file(tmp_path, ca
     cli = RobustCLI(args=[*args, "--model.weights", str(tmp_path / "relu.ckpt")])
     torch.testing.assert_close(cli.model.net.fc.weight, relu.fc.weight)
     assert isinstance(cli.model.net.stem[2], torch.nn.Softplus)
+
+
+@pytest.mark.parametrize("config_path", AUDIT_CONFIGS, ids=lambda p: p.stem)
+def test_audit_configs_parse_and_build_every_section(config_path):
+    from robustattr.audit.engine import run_audit
+    from robustattr.audit.sections import Section
+    from robustattr.cli import RobustArgumentParser
+
+    parser = RobustArgumentParser()
+    parser.add_argument("-c", "--config", action="config")
+    parser.add_argument("--checkpoint", nargs="+", required=True)
+    parser.add_function_arguments(run_audit, skip={"checkpoints", "config"})
+    init = parser.instantiate_classes(parser.parse_args(["--config", str(config_path), "--checkpoint", "x.ckpt"]))
+    assert len(init.sections) == 8 and all(isinstance(s, Section) for s in init.sections)
