@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torchmetrics import Metric
 
 from robustattr.callbacks.base import AttackCallback
 from robustattr.metrics import PerSampleMean
-from robustattr.regularizers import loss_hvp
+from robustattr.regularizers import top_hessian_eigenvalue
 
 
 class _Mean(PerSampleMean):
@@ -38,15 +37,7 @@ class CurvatureMonitor(AttackCallback):
 
     def process(self, model, x, y, seed):
         metrics = self.metrics()
-        x = x.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x, create_graph=True)
-        metrics["curv/grad_norm"].update(g.detach().flatten(1).norm(dim=1))
         generator = torch.Generator(device=x.device).manual_seed(seed)
-        v = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        eig = torch.zeros(x.shape[0], device=x.device)
-        for _ in range(self.power_iters):
-            v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (x.dim() - 1))
-            hv = loss_hvp(model, x, y, v, "reverse", create_graph=False, grad=g)
-            eig = (v * hv).flatten(1).sum(dim=1)  # Rayleigh quotient at the current vector
-            v = hv.detach()
-        metrics["curv/hessian_top_eig"].update(eig.detach())
+        norms, eigs = top_hessian_eigenvalue(model, x, y, self.power_iters, generator)
+        metrics["curv/grad_norm"].update(norms)
+        metrics["curv/hessian_top_eig"].update(eigs)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
@@ -46,7 +45,7 @@ from robustattr.attributions import (
 )
 from robustattr.errors import ConfigError
 from robustattr.metrics import functional as M
-from robustattr.regularizers import loss_hvp
+from robustattr.regularizers import top_hessian_eigenvalue
 
 Progress = Callable[[int], None]
 
@@ -374,18 +373,10 @@ class Curvature(Section):
         for c, x, y in data.batches(self.num_samples):
             with gradient_context(model):
                 device = _device(model)
-                x = x.to(device).clone().requires_grad_(True)
-                y = y.to(device)
-                (g,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x, create_graph=True)
-                norms.append(g.detach().flatten(1).norm(dim=1).cpu())
-                gen = torch.Generator(device=device).manual_seed(data.seed + c)
-                v = torch.randn(x.shape, generator=gen, device=device)
-                eig = torch.zeros(len(x), device=device)
-                for _ in range(self.power_iters):
-                    v = v / v.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, 1, 1, 1)
-                    hv = loss_hvp(model, x, y, v, "reverse", create_graph=False, grad=g)
-                    eig, v = (v * hv).flatten(1).sum(dim=1), hv.detach()
-                eigs.append(eig.detach().cpu())
+                generator = torch.Generator(device=device).manual_seed(data.seed + c)
+                norm, eig = top_hessian_eigenvalue(model, x.to(device), y.to(device), self.power_iters, generator)
+            norms.append(norm.cpu())
+            eigs.append(eig.cpu())
             progress(1)
 
         def stats(values: list[torch.Tensor]) -> dict:

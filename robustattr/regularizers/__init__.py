@@ -2,7 +2,13 @@
 
 from robustattr.regularizers.adversarial import TRADES, AdversarialCE, IGNorm, integrated_loss_gradients
 from robustattr.regularizers.base import ObjectiveTerm, frozen_norm_stats
-from robustattr.regularizers.derivatives import logit_jvp, logit_vjp, loss_hvp
+from robustattr.regularizers.derivatives import (
+    logit_jvp,
+    logit_vjp,
+    loss_hvp,
+    per_sample_norm,
+    top_hessian_eigenvalue,
+)
 from robustattr.regularizers.smoothness import CURE, SSR, GradientNorm, HessianNorm
 
 __all__ = [
@@ -19,4 +25,6 @@ __all__ = [
     "logit_jvp",
     "logit_vjp",
     "loss_hvp",
+    "per_sample_norm",
+    "top_hessian_eigenvalue",
 ]

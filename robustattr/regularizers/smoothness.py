@@ -19,7 +19,7 @@ from robustattr.regularizers.base import (
     loss_input_gradient,
     per_sample_sq_norm,
 )
-from robustattr.regularizers.derivatives import logit_jvp, logit_vjp, loss_hvp
+from robustattr.regularizers.derivatives import logit_jvp, logit_vjp, loss_hvp, per_sample_norm
 
 _RELU_NOTE = (
     "the network's logits have zero input curvature almost everywhere, so the input Hessian of the loss is "
@@ -63,7 +63,7 @@ class CURE(ObjectiveTerm):
     def forward(self, model, x, y, logits=None):
         x, _, g0 = loss_input_gradient(model, x, y, logits)
         z = g0.detach().sign()
-        z = z / z.reshape(z.shape[0], -1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (z.dim() - 1))
+        z = z / per_sample_norm(z)
         x1 = (x.detach() + self.h * self.ramp * z).requires_grad_(True)
         with frozen_norm_stats(model):
             ce1 = F.cross_entropy(model(x1), y, reduction="sum")
@@ -226,9 +226,6 @@ class HessianNorm(ObjectiveTerm):
                     fd_step=self.fd_step,
                 )  # fmt: skip
 
-        def unit(v: torch.Tensor) -> torch.Tensor:
-            return v / v.reshape(v.shape[0], -1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (v.dim() - 1))
-
         if self.norm == "frobenius":
             total = 0.0
             for _ in range(self.probes):
@@ -237,6 +234,6 @@ class HessianNorm(ObjectiveTerm):
             return (total / self.probes).mean()
         v = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         for _ in range(self.power_iters):
-            v = product(unit(v), create_graph=False).detach()
-        v = unit(v)
+            v = product(v / per_sample_norm(v), create_graph=False).detach()
+        v = v / per_sample_norm(v)
         return (v * product(v, create_graph=True)).reshape(x.shape[0], -1).sum(dim=1).abs().mean()
