@@ -230,3 +230,13 @@ def test_audit_configs_parse_and_build_every_section(config_path):
     parser.add_function_arguments(run_audit, skip={"checkpoints", "config"})
     init = parser.instantiate_classes(parser.parse_args(["--config", str(config_path), "--checkpoint", "x.ckpt"]))
     assert len(init.sections) == 8 and all(isinstance(s, Section) for s in init.sections)
+
+
+def test_every_package_directory_is_listed_in_pyproject():
+    """setuptools installs only the listed packages: a missing one works in editable mode and breaks pip install ."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"robustattr." + p.parent.relative_to(ROOT / "robustattr").as_posix().replace("/", ".")
+             for p in (ROOT / "robustattr").glob("*/__init__.py")} | {"robustattr", "robustattr.callbacks"}  # fmt: skip
+    assert found == listed

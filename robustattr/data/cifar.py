@@ -8,15 +8,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from torchvision import datasets, transforms
 
+from robustattr.data.base import SplitDataModule
 from robustattr.errors import ConfigError, DatasetNotFoundError
 
 
-class CIFAR10DataModule(pl.LightningDataModule):
+class CIFAR10DataModule(SplitDataModule):
     """CIFAR-10 (50k train / 10k test, 32x32 RGB, 10 classes).
 
     Args:
@@ -32,6 +32,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
     dataset_class = datasets.CIFAR10
     folder = "cifar-10-batches-py"
     archive_url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    drop_last_train = True
     display_name = "CIFAR-10"
     num_classes = 10
     image_shape = (3, 32, 32)
@@ -60,7 +61,6 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.augment = augment
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.splits: dict[str, torch.utils.data.Dataset] = {}
 
     def _missing_message(self, reason: str) -> str:
         return (
@@ -106,26 +106,6 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.splits["train"] = Subset(train_aug, train_idx)
         self.splits["val"] = Subset(train_plain, val_idx) if self.val_size else test
         self.splits["test"] = test
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),  # pinning needs an accelerator
-            persistent_workers=self.num_workers > 0,
-            drop_last=split == "train",
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
 
 
 class CIFAR100DataModule(CIFAR10DataModule):

@@ -6,17 +6,17 @@ channel replication turn it into a CIFAR-shaped stand-in (3x32x32) for exercisin
 
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
+from robustattr.data.base import SplitDataModule
 from robustattr.errors import ConfigError
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """Digits as tensors in [0, 1], split into train/val/test with a fixed seed (stratified by class).
 
     Args:
@@ -63,7 +63,6 @@ class DigitsDataModule(pl.LightningDataModule):
         self.image_size = image_size
         self.channels = channels
         self.num_workers = num_workers
-        self.splits: dict[str, TensorDataset] = {}
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -97,22 +96,3 @@ class DigitsDataModule(pl.LightningDataModule):
         for name, idx in (("train", train_idx), ("val", val_idx), ("test", test_idx)):
             idx = torch.as_tensor(idx)
             self.splits[name] = TensorDataset(x[idx], y[idx])
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            drop_last=False,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -7,21 +7,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytorch_lightning as pl
-import torch
-from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
+from robustattr.data.base import SplitDataModule
 from robustattr.errors import ConfigError, DatasetNotFoundError
 
 
-class ImageFolderDataModule(pl.LightningDataModule):
+class ImageFolderDataModule(SplitDataModule):
     """Train on ``root/train_dir``, validate on ``root/val_dir``, test on ``root/test_dir`` (default: val).
 
     Training: RandomResizedCrop(image_size) + horizontal flip; evaluation: Resize(resize_size) +
     CenterCrop(image_size). Images in [0, 1].
     """
 
+    drop_last_train = True
     display_name = "ImageFolder dataset"
     how_to_get = "Put the images in class folders: <root>/<split>/<class name>/<image file>."
 
@@ -49,7 +48,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
-        self.splits: dict[str, datasets.ImageFolder] = {}
 
     @property
     def num_classes(self) -> int:
@@ -91,27 +89,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
             self.splits[split] = datasets.ImageFolder(
                 str(self.root / name), transform=train_tf if split == "train" else eval_tf
             )
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),  # pinning needs an accelerator
-            persistent_workers=self.num_workers > 0,
-            drop_last=split == "train",
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
 
 
 class ImageNetDataModule(ImageFolderDataModule):
