@@ -6,7 +6,8 @@ import torch
 from torchmetrics import Metric
 
 from robustattr.attacks import BIM, PGD
-from robustattr.callbacks.base import AttackCallback, with_seed
+from robustattr.attacks.base import with_seed
+from robustattr.callbacks.base import AttackCallback
 from robustattr.metrics import AttackSuccessRate, RobustAccuracy
 
 

@@ -15,10 +15,8 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -27,14 +25,8 @@ from pytorch_lightning.utilities import rank_zero_info
 from torchmetrics import Metric
 
 from robustattr.attacks.base import gradient_context
+from robustattr.data.base import seeded_subset
 from robustattr.errors import ConfigError
-
-
-def with_seed(attack: Any, seed: int) -> Any:
-    """A shallow copy of ``attack`` with another seed."""
-    other = copy.copy(attack)
-    other.seed = seed
-    return other
 
 
 def eval_dataset(trainer: pl.Trainer, stage: str) -> torch.utils.data.Dataset:
@@ -88,16 +80,8 @@ class AttackCallback(pl.Callback):
         dataset = eval_dataset(trainer, stage)
         key = (stage, id(dataset))
         if key not in self._subsets:
-            with torch.inference_mode(False):  # cached across stages: never as inference tensors
-                self._subsets[key] = self._take(dataset)
+            self._subsets[key] = seeded_subset(dataset, self.num_samples, self.seed)
         return self._subsets[key]
-
-    def _take(self, dataset: torch.utils.data.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
-        samples = [dataset[i] for i in order[: self.num_samples].tolist()]
-        x = torch.stack([torch.as_tensor(s[0]) for s in samples])
-        y = torch.as_tensor([int(s[1]) for s in samples])
-        return x, y
 
     def chunks(self, n: int, rank: int, world: int) -> Iterator[tuple[int, slice]]:
         for c, start in enumerate(range(0, n, self.batch_size)):

@@ -7,8 +7,9 @@ import copy
 from torchmetrics import Metric
 
 from robustattr.attacks import ExplanationAttack, RandomSignAttack, TopKAttack
+from robustattr.attacks.base import with_seed
 from robustattr.attributions import Attribution, Saliency
-from robustattr.callbacks.base import AttackCallback, with_seed
+from robustattr.callbacks.base import AttackCallback
 from robustattr.metrics import (
     CenterShift,
     CosineDistance,

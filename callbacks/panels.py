@@ -16,6 +16,7 @@ from robustattr.attacks import ExplanationAttack, TopKAttack
 from robustattr.attacks.base import gradient_context
 from robustattr.attributions import Attribution
 from robustattr.callbacks.base import eval_dataset
+from robustattr.data.base import seeded_subset
 from robustattr.errors import ConfigError
 from robustattr.metrics import center_shift, default_k, spearman, topk_intersection, topk_mask
 
@@ -77,10 +78,7 @@ class AttributionPanels(pl.Callback):
         self.last_seconds: float | None = None
 
     def _examples(self, trainer: pl.Trainer, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
-        dataset = eval_dataset(trainer, stage)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))
-        samples = [dataset[i] for i in order[: self.num_examples].tolist()]
-        return torch.stack([torch.as_tensor(s[0]) for s in samples]), torch.as_tensor([int(s[1]) for s in samples])
+        return seeded_subset(eval_dataset(trainer, stage), self.num_examples, self.seed)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run or not trainer.is_global_zero:

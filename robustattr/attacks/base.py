@@ -3,6 +3,7 @@ leaves the model as it found it, and the choice of target classes."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
@@ -65,6 +66,13 @@ def choose_target(
     if mode == "runner_up":
         return logits.scatter(1, y[:, None], float("-inf")).argmax(dim=1)
     raise ValueError(f"unknown target mode {mode!r}")
+
+
+def with_seed(attack, seed: int | None):
+    """A shallow copy of ``attack`` with another seed (attacks are stateless between calls)."""
+    other = copy.copy(attack)
+    other.seed = seed
+    return other
 
 
 def generator_for(device: torch.device, seed: int | None) -> torch.Generator | None:

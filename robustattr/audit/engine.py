@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import robustattr
 from robustattr.audit.loading import AuditedModel, _check_trusted, load_model
 from robustattr.audit.sections import AuditData, Section
+from robustattr.data.base import seeded_subset
 from robustattr.errors import ConfigError, RobustAttrError
 
 
@@ -36,10 +37,7 @@ def build_data(
     datamodule.prepare_data()  # a missing dataset ends here, in one clear error
     datamodule.setup("test" if split == "test" else "validate")
     dataset = (datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()).dataset
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_samples]
-    samples = [dataset[i] for i in order.tolist()]
-    x = torch.stack([torch.as_tensor(s[0]) for s in samples])
-    y = torch.as_tensor([int(s[1]) for s in samples])
+    x, y = seeded_subset(dataset, num_samples, seed)
     return AuditData(x=x, y=y, batch_size=batch_size, seed=seed)
 
 

@@ -31,7 +31,7 @@ from robustattr.attacks import (
     choose_target,
     softplus_surrogate,
 )
-from robustattr.attacks.base import gradient_context
+from robustattr.attacks.base import gradient_context, with_seed
 from robustattr.attributions import (
     Attribution,
     CaptumAttribution,
@@ -70,12 +70,6 @@ class AuditData:
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _seeded(attack, seed: int):
-    other = copy.copy(attack)
-    other.seed = seed
-    return other
 
 
 def _mean(values: list[torch.Tensor]) -> float:
@@ -144,7 +138,7 @@ class RobustnessCurves(Section):
             clean.append((_predict(model, x).argmax(1) == y).float())
             for name, attack in attacks.items():
                 for i, eps in enumerate(self.epsilons):
-                    x_adv = _seeded(attack.with_eps(eps), data.seed + c)(model, x, y)
+                    x_adv = with_seed(attack.with_eps(eps), data.seed + c)(model, x, y)
                     correct[name][i].append((_predict(model, x_adv).argmax(1) == y).float())
             progress(1)
         lbfgs = LBFGS(search_steps=self.lbfgs_search_steps, max_iter=self.lbfgs_max_iter, seed=data.seed)
@@ -217,7 +211,7 @@ def _fragility(model, method, attack, data, progress, limit=None, measure_model=
     measure_model = measure_model or model
     values: dict[str, list[torch.Tensor]] = {}
     for c, x, y in data.batches(limit):
-        configured = _seeded(attack, data.seed + c)
+        configured = with_seed(attack, data.seed + c)
         configured.attribution = _attackable(method)
         result = configured.run(model, x, y)
         if configured.attribution is method and measure_model is model:
@@ -302,7 +296,7 @@ class AttributionTransfer(Section):
         for i, crafted in enumerate(self.methods):
             values: list[list[torch.Tensor]] = [[] for _ in names]
             for c, x, y in data.batches(self.num_samples):
-                attack = _seeded(self.attack, data.seed + c)
+                attack = with_seed(self.attack, data.seed + c)
                 attack.attribution = _attackable(crafted)
                 result = attack.run(model, x, y)
                 with gradient_context(model):
@@ -469,9 +463,9 @@ class Transferability(Section):
         for c, x, y in data.batches(self.num_samples):
             noise_norms = []
             for i, source in enumerate(names):
-                x_adv = _seeded(pgd, data.seed + c)(models[source], x, y)
+                x_adv = with_seed(pgd, data.seed + c)(models[source], x, y)
                 noise_norms.append((x_adv - x).flatten(1).norm(dim=1))
-                result = _seeded(explanation, data.seed + c).run(models[source], x, y)
+                result = with_seed(explanation, data.seed + c).run(models[source], x, y)
                 for j, target in enumerate(names):
                     acc[i][j].append((_predict(models[target], x_adv).argmax(1) == y).float())
                     with gradient_context(models[target]):

@@ -7,6 +7,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 
+def seeded_subset(dataset: Dataset, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` samples of ``dataset`` drawn by a seeded permutation, stacked as (images, labels). Built outside
+    inference mode, so the tensors can take gradients wherever they are used."""
+    with torch.inference_mode(False):
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
+        samples = [dataset[i] for i in order.tolist()]
+        x = torch.stack([torch.as_tensor(s[0]) for s in samples])
+        y = torch.as_tensor([int(s[1]) for s in samples])
+    return x, y
+
+
 class SplitDataModule(pl.LightningDataModule):
     """A DataModule whose ``setup`` fills ``self.splits`` ("train", "val", "test"); the loaders follow.
 
