@@ -17,7 +17,6 @@ from robustattr.metrics import (
     LabelKeptRate,
     SpearmanCorrelation,
     TopKIntersection,
-    default_k,
 )
 
 
@@ -59,7 +58,7 @@ class FragilityValidation(AttackCallback):
     def build_metrics(self) -> dict[str, Metric]:
         metrics: dict[str, Metric] = {}
         for prefix in self.settings:
-            metrics[f"{prefix}/topk_intersection"] = TopKIntersection(k=self.k or 1)  # k fixed at first batch
+            metrics[f"{prefix}/topk_intersection"] = TopKIntersection(k=self.k)
             metrics[f"{prefix}/spearman"] = SpearmanCorrelation()
             metrics[f"{prefix}/kendall"] = KendallTau()
             metrics[f"{prefix}/center_shift"] = CenterShift()
@@ -72,9 +71,6 @@ class FragilityValidation(AttackCallback):
         for prefix, attack in self.settings.items():
             result = with_seed(attack, seed).run(model, x, y)
             clean, adv, kept = result.maps_clean, result.maps_adv, result.kept
-            topk = metrics[f"{prefix}/topk_intersection"]
-            topk.k = self.k or default_k(*clean.shape[1:])
-            topk.update(clean, adv, kept)
-            for metric in ("spearman", "kendall", "center_shift", "cosine_distance"):
+            for metric in ("topk_intersection", "spearman", "kendall", "center_shift", "cosine_distance"):
                 metrics[f"{prefix}/{metric}"].update(clean, adv, kept)
             metrics[f"{prefix}/label_kept"].update(kept)

@@ -54,21 +54,25 @@ class PerSampleMean(Metric):
 class _MapMetric(PerSampleMean):
     fn: Callable[..., torch.Tensor]
 
+    def scores(self, maps_clean: torch.Tensor, maps_adv: torch.Tensor) -> torch.Tensor:
+        return type(self).fn(maps_clean, maps_adv)
+
     def update(self, maps_clean: torch.Tensor, maps_adv: torch.Tensor, kept: torch.Tensor | None = None) -> None:
-        self._add(type(self).fn(maps_clean, maps_adv), kept)
+        self._add(self.scores(maps_clean, maps_adv), kept)
 
 
 class TopKIntersection(_MapMetric):
-    """Share of the clean map's top-k pixels still in the perturbed map's top-k (higher: more robust)."""
+    """Share of the clean map's top-k pixels still in the perturbed map's top-k (higher: more robust).
+    ``k=None`` takes the size rule of `default_k` from the maps' height and width."""
 
     higher_is_better = True
 
-    def __init__(self, k: int, **kwargs) -> None:
+    def __init__(self, k: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.k = k
 
-    def update(self, maps_clean: torch.Tensor, maps_adv: torch.Tensor, kept: torch.Tensor | None = None) -> None:
-        self._add(F.topk_intersection(maps_clean, maps_adv, self.k), kept)
+    def scores(self, maps_clean: torch.Tensor, maps_adv: torch.Tensor) -> torch.Tensor:
+        return F.topk_intersection(maps_clean, maps_adv, self.k or F.default_k(*maps_clean.shape[1:]))
 
 
 class SpearmanCorrelation(_MapMetric):
