@@ -19,6 +19,7 @@ from robustattr.callbacks.base import eval_dataset
 from robustattr.data.base import seeded_subset
 from robustattr.errors import ConfigError
 from robustattr.metrics import center_shift, default_k, spearman, topk_intersection, topk_mask
+from robustattr.run import run_dir
 
 COLUMNS = ["clean", "clean map", "attacked", "attacked map", "top-k clean", "top-k attacked"]
 
@@ -117,8 +118,6 @@ class AttributionPanels(pl.Callback):
         return panel_figure(x, x_adv, clean, adv, masks, values, title)
 
     def _save_png(self, trainer, figure, stage) -> None:
-        from robustattr.cli import run_dir
-
         folder = run_dir(trainer) / "panels"
         folder.mkdir(parents=True, exist_ok=True)
         self.last_png = folder / f"{stage}_epoch{trainer.current_epoch:03d}.png"

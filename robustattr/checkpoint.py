@@ -1,44 +1,30 @@
 """Rebuilding a RobustClassifier from a checkpoint file alone, without executing anything it carries.
 
-A checkpoint written by train.py holds the resolved config (``robustattr_config``) next to the weights. The
-file loads with ``torch.load(weights_only=True)``; the model is rebuilt from the config's ``class_path``
-entries, which must name classes in trusted packages (ours, torch, torchvision, timm, Lightning, torchmetrics,
-or prefixes the caller adds): a checkpoint cannot make us import and run arbitrary code.
+A checkpoint written by train.py holds the resolved config (``robustattr_config``) next to the weights.
+- The file loads with ``torch.load(weights_only=True)``: tensors and plain containers only.
+- The model is rebuilt from the stored config through `robustattr.trust.instantiate_trusted`: every import
+  path the config names, ``class_path`` entries and plain strings alike, must lie in the trusted packages
+  (`robustattr.trust.TRUSTED_IMPORTS`, plus prefixes the caller adds); anything else is refused before it is
+  imported.
+- The stored config is data, not instructions: initial-weight files it names (``model.weights``, a net's
+  ``weights``: the file a run was fine-tuned from) are never read, since the checkpoint's own state dict
+  replaces them; a checkpoint therefore loads wherever it is moved.
+- Weights must be finite: a NaN or infinite tensor is refused, naming it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pytorch_lightning.cli import instantiate_module
+import torch
 
-from robustattr.cli import CONFIG_KEY
-from robustattr.errors import RobustAttrError
-from robustattr.models.weights import UnsafeCheckpointError, safe_torch_load
+from robustattr.errors import NonFiniteError, RobustAttrError
+from robustattr.models.weights import initial_weights_disabled, safe_torch_load
 from robustattr.module import RobustClassifier
-
-TRUSTED_PREFIXES = (
-    "robustattr.",
-    "torch.",
-    "torchvision.",
-    "timm.",
-    "pytorch_lightning.",
-    "torchmetrics.",
-)
-
-
-def _class_paths(config: Any) -> Iterator[str]:
-    if isinstance(config, dict):
-        for key, value in config.items():
-            if key in ("class_path", "_class_path") and isinstance(value, str):
-                yield value
-            else:
-                yield from _class_paths(value)
-    elif isinstance(config, list):
-        for item in config:
-            yield from _class_paths(item)
+from robustattr.run import CONFIG_KEY
+from robustattr.trust import instantiate_trusted
 
 
 def checkpoint_config(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
@@ -62,6 +48,17 @@ def model_config(checkpoint: dict[str, Any], path: str | Path = "checkpoint") ->
     return hparams
 
 
+def check_finite(state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Refuse weights with NaN or infinite entries (a diverged run), naming the first such tensor."""
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise NonFiniteError(
+                f"{source}: the weights are not finite ({bad} of {tensor.numel()} entries of '{name}' are NaN or "
+                "infinite): the run that saved them diverged, and no number measured on them would mean anything"
+            )
+
+
 def load_classifier(
     path: str | Path, trusted_prefixes: Sequence[str] = (), map_location: str = "cpu"
 ) -> RobustClassifier:
@@ -73,20 +70,12 @@ def classifier_from_checkpoint(
     checkpoint: Any, path: str | Path = "checkpoint", trusted_prefixes: Sequence[str] = (), map_location: str = "cpu"
 ) -> RobustClassifier:
     """`load_classifier` for a checkpoint already read with ``weights_only=True``."""
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise RobustAttrError(f"{path}: not a Lightning checkpoint (no 'state_dict' entry)")
     config = model_config(checkpoint, path)
-    allowed = TRUSTED_PREFIXES + tuple(trusted_prefixes)
-    for class_path in _class_paths(config):
-        if not class_path.startswith(allowed):
-            raise UnsafeCheckpointError(
-                f"{path}: refused to build '{class_path}': not in a trusted package ({', '.join(allowed)}); "
-                "pass trusted_prefixes if you trust this checkpoint"
-            )
-    try:
-        model = instantiate_module(RobustClassifier, config)
-    except Exception as err:  # jsonargparse reports the offending key
-        raise RobustAttrError(f"{path}: cannot rebuild the model from its stored config: {err}") from err
+    check_finite(checkpoint["state_dict"], path)
+    with initial_weights_disabled():
+        model = instantiate_trusted(config, RobustClassifier, str(path), trusted_prefixes, init_args_only=True)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as err:

@@ -1,12 +1,25 @@
 """Errors that end a run with one clear message.
 
 `train.py` and `evaluate.py` print a `RobustAttrError` as a single line and exit non-zero without a
-traceback: the message is the whole story (what is wrong, and what to do about it).
+traceback: the message is the whole story (what is wrong, and what to do about it). Libraries between the
+raise and the CLI may wrap it (jsonargparse reports a constructor's error inside its own ValueError, a
+DataLoader worker re-raises it with the worker's traceback in the text); `find_user_error` digs it out.
 """
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import NoReturn
 
 
 class RobustAttrError(Exception):
-    """An error caused by the user's input (config, data, checkpoint) rather than by a bug."""
+    """An error caused by the user's input (config, data, checkpoint) rather than by a bug.
+
+    ``collective``: every process of a distributed run raises the same error at the same point (a decision
+    they took together), so only global rank 0 prints it."""
+
+    collective = False
 
 
 class ConfigError(RobustAttrError, ValueError):
@@ -15,3 +28,55 @@ class ConfigError(RobustAttrError, ValueError):
 
 class DatasetNotFoundError(RobustAttrError, FileNotFoundError):
     """A dataset is not on disk and cannot be downloaded."""
+
+
+class NonFiniteError(RobustAttrError, FloatingPointError):
+    """A NaN or infinite value where training or an audit needs finite numbers (loss, weights)."""
+
+
+def find_user_error(err: BaseException | None) -> RobustAttrError | None:
+    """The first `RobustAttrError` in ``err`` or the exceptions it was raised from or while handling."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, RobustAttrError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line. A DataLoader worker re-raises an error with the text
+    ``Caught <Type> in DataLoader worker process N.\\nOriginal Traceback ...\\n<module.Type>: <message>``: the
+    original message is its last line."""
+    text = str(err).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        prefix = f"{type(err).__module__}.{type(err).__name__}: "
+        text = last[len(prefix) :] if last.startswith(prefix) else last
+    return " ".join(text.split())
+
+
+def _global_rank() -> int:
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):  # what Lightning's launchers and torchrun set
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def exit_with_error(err: BaseException, status: int = 1) -> NoReturn:
+    """Print ``error: <message>`` on stderr and exit with ``status``, without a traceback. In a distributed run
+    each process prints its own error prefixed with its rank, except a ``collective`` error, which all processes
+    share and only global rank 0 prints."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE", "").isdigit() else 1
+    rank = _global_rank()
+    if not (getattr(err, "collective", False) and rank != 0):
+        where = f" (rank {rank})" if world > 1 and not getattr(err, "collective", False) else ""
+        Console(stderr=True, highlight=False).print(
+            f"[bold red]error{where}:[/bold red] {escape(one_line(err))}", soft_wrap=True
+        )
+        sys.stderr.flush()
+    raise SystemExit(status) from None

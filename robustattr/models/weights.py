@@ -8,8 +8,10 @@ wrappers, ``_orig_mod.`` from torch.compile) are stripped until the keys match t
 
 from __future__ import annotations
 
+import contextvars
 import pickle
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,21 @@ from robustattr.errors import RobustAttrError
 
 WRAPPER_PREFIXES = ("module.", "model.", "net.", "_orig_mod.")
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
+
+
+_initial_weights_disabled = contextvars.ContextVar("robustattr_initial_weights_disabled", default=False)
+
+
+@contextmanager
+def initial_weights_disabled() -> Iterator[None]:
+    """Inside, `load_weights` reads nothing: used while a model is rebuilt from a checkpoint, whose own state dict
+    replaces whatever initial weights its config names (the file a run was fine-tuned from may be long gone,
+    and a checkpoint's config must never make us read another file)."""
+    token = _initial_weights_disabled.set(True)
+    try:
+        yield
+    finally:
+        _initial_weights_disabled.reset(token)
 
 
 class UnsafeCheckpointError(RobustAttrError):
@@ -88,7 +105,10 @@ def match_state_dict(state: Mapping[str, torch.Tensor], model: nn.Module) -> dic
 
 
 def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> None:
-    """Load the weights in ``path`` into ``model``; errors name the file and the offending keys."""
+    """Load the weights in ``path`` into ``model``; errors name the file and the offending keys. Does nothing
+    inside `initial_weights_disabled` (a model being rebuilt from a checkpoint)."""
+    if _initial_weights_disabled.get():
+        return
     state = match_state_dict(load_state_dict_file(path), model)
     target = model.state_dict()
     shape_mismatch = [k for k, v in state.items() if k in target and target[k].shape != v.shape]

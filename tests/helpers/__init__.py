@@ -1,0 +1,1 @@
+"""Helpers for the tests: scripts run in subprocesses and classes named by configs launched from them."""
