@@ -135,10 +135,14 @@ class ExplanationAttack:
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.run(model, x, y).x_adv
 
+    def zero_gradient_cause(self, ctx: dict[str, Any]) -> str | None:
+        """Why the objective can have no gradient for these clean maps, when the attack itself can tell."""
+        return None
+
     def _ascent_gradient(self, maps: torch.Tensor, logits: torch.Tensor, x_in: torch.Tensor, ctx, check: bool):
         (grad,) = torch.autograd.grad(self.objective(maps, logits, ctx).sum(), x_in, allow_unused=True)
         if check:
-            require_second_order(grad, f"{type(self).__name__} on {self.attribution!r}")
+            require_second_order(grad, f"{type(self).__name__} on {self.attribution!r}", self.zero_gradient_cause(ctx))
         return grad
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> ExplanationAttackResult:
@@ -222,6 +226,16 @@ class TopKAttack(ExplanationAttack):
 
     def objective(self, maps, logits, ctx):
         return -(maps * ctx["mask"]).sum(dim=(1, 2))
+
+    def zero_gradient_cause(self, ctx):
+        nonzero = (ctx["maps_clean"] > 0).flatten(1).sum(dim=1)
+        if bool((nonzero <= ctx["k"]).all()):
+            return (
+                f"k={ctx['k']} covers every non-zero pixel of the clean maps (at most {int(nonzero.max())} here: "
+                "attributions that multiply by x - baseline vanish where the image equals the baseline), so the "
+                "mass in the top-k pixels is the whole, normalised map: a constant. Use a smaller k"
+            )
+        return None
 
     def score(self, maps, ctx):
         return 1 - topk_intersection(ctx["maps_clean"], maps, ctx["k"])

@@ -76,9 +76,12 @@ class BetaSchedule:
         return f"BetaSchedule(start={self.start}, end={self.end})"
 
 
-def require_second_order(grad: torch.Tensor | None, what: str) -> None:
-    """Raise when ``grad`` (a gradient through a gradient) is missing or identically zero."""
+def require_second_order(grad: torch.Tensor | None, what: str, cause: str | None = None) -> None:
+    """Raise when ``grad`` (a gradient through a gradient) is missing or identically zero; ``cause`` is the
+    reason when the caller can tell it."""
     if grad is None or not bool((grad != 0).any()):
+        if cause:
+            raise SecondOrderZeroError(f"{what}: the attack gradient is identically zero: {cause}")
         raise SecondOrderZeroError(
             f"{what}: the second-order gradient is identically zero, so this would silently do nothing. Usual "
             "cause: the network is piecewise linear (ReLU-like), whose gradient map has no curvature: use a "

@@ -4,45 +4,51 @@ first checkpoint was trained on (or of an override), run each section with a pro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from jsonargparse import ArgumentParser
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import robustattr
-from robustattr.audit.loading import AuditedModel, _check_trusted, load_model
+from robustattr.audit.cache import ResultCache, code_version, data_fingerprint, fingerprint, json_safe, key_of
+from robustattr.audit.loading import AuditedModel, load_model
 from robustattr.audit.sections import AuditData, Section
 from robustattr.data.base import seeded_subset
-from robustattr.errors import ConfigError, RobustAttrError
+from robustattr.errors import ConfigError, exit_with_error, find_user_error
+from robustattr.files import atomic_write
+from robustattr.trust import instantiate_trusted
 
 
 def build_data(
-    data: dict[str, Any], split: str, num_samples: int, batch_size: int, seed: int, source: str
+    data: dict[str, Any],
+    split: str,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    source: str,
+    trusted_prefixes: Sequence[str] = (),
+    from_checkpoint: bool = False,
 ) -> AuditData:
-    """A fixed, seeded subset of ``split`` of the DataModule described by ``data`` ({class_path, init_args})."""
-    _check_trusted(data, source)
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--data", type=pl.LightningDataModule)
-    try:
-        datamodule = parser.instantiate_classes(parser.parse_object({"data": data})).data
-    except Exception as err:
-        raise ConfigError(f"{source}: cannot build the dataset: {err}") from err
+    """A fixed, seeded subset of ``split`` of the DataModule described by ``data`` ({class_path, init_args}).
+
+    ``from_checkpoint``: the description came from a checkpoint, whose settings are data, not actions: the
+    DataModule is built through the trusted-imports gate and never downloads (a missing dataset ends in its
+    one-line error saying how to get it)."""
+    datamodule = instantiate_trusted(data, pl.LightningDataModule, source, trusted_prefixes)
+    if from_checkpoint and getattr(datamodule, "download", False):
+        datamodule.download = False
     datamodule.prepare_data()  # a missing dataset ends here, in one clear error
     datamodule.setup("test" if split == "test" else "validate")
     dataset = (datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()).dataset
     x, y = seeded_subset(dataset, num_samples, seed)
     return AuditData(x=x, y=y, batch_size=batch_size, seed=seed)
-
-
-def _key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def versions() -> dict[str, str]:
@@ -73,15 +79,22 @@ def run_audit(
     split: Literal["test", "val"] = "test",
     data: dict[str, Any] | None = None,
     net: dict[str, Any] | None = None,
+    trusted_prefixes: list[str] | None = None,
     device: str = "cpu",
     html: bool = True,
     wandb: bool = False,
     config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Audit ``checkpoints`` with ``sections``; returns the report (also written to ``out/report.json``)."""
+    """Audit ``checkpoints`` with ``sections``; returns the report (also written to ``out/report.json``).
+
+    ``trusted_prefixes``: packages besides robustattr, torch.nn, torch.optim and torchvision.transforms that a
+    checkpoint's stored config (or ``net``/``data`` here) may name, e.g. ``[mylab.models]`` for your own nets."""
     if not checkpoints:
         raise ConfigError("no checkpoint to audit: pass --checkpoint A.ckpt [B.ckpt ...]")
-    models: list[AuditedModel] = [load_model(path, net) for path in checkpoints]
+    if num_samples < 1 or batch_size < 1:
+        raise ConfigError(f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}")
+    prefixes = tuple(trusted_prefixes or ())
+    models: list[AuditedModel] = [load_model(path, net, prefixes) for path in checkpoints]
     names = [m.name for m in models]
     for i, m in enumerate(models):  # distinct names, also for two files called last.ckpt
         if names.count(m.name) > 1:
@@ -91,16 +104,23 @@ def run_audit(
         raise ConfigError(
             f"{models[0].path}: no dataset named: the checkpoint has no train.py config; set data in the audit config"
         )
-    audit_data = build_data(data_config, split, num_samples, batch_size, seed, str(models[0].path))
+    source = "the audit config's data" if data else str(models[0].path)
+    audit_data = build_data(
+        data_config, split, num_samples, batch_size, seed, source, prefixes, from_checkpoint=not data
+    )
     torch_device = torch.device(device)
     for m in models:
         m.model.to(torch_device)
     out_dir = Path(out)
-    cache = out_dir / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    data_key = [data_config, split, num_samples, batch_size, seed]
+    cache = ResultCache(out_dir / "cache")
+    common = {
+        "data": {"config": data_config, "split": split, "num_samples": num_samples, "batch_size": batch_size,
+                 "seed": seed, "subset": data_fingerprint(audit_data.x, audit_data.y)},
+        "code": code_version(),
+        "device": str(torch_device),
+    }  # fmt: skip
     results: dict[str, Any] = {}
-    timings: dict[str, str] = {}
+    timings: dict[str, dict[str, Any]] = {}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, transient=False) as progress:
         for section in sections:
@@ -110,23 +130,24 @@ def run_audit(
             results[section.name] = {}
             for model, hashes in jobs:
                 label = section.name if model is None else f"{section.name} [{model.name}]"
-                label = escape(label)  # rich would read "[...]" as markup
-                path = cache / f"{section.name}-{_key(section.name, section.settings(), data_key, hashes)}.json"
-                if path.is_file():
-                    result = json.loads(path.read_text())
-                    progress.add_task(f"{label} (cached)", total=1, completed=1)
-                    timings[label] = "cached"
+                key = key_of([section.name, fingerprint(section), hashes, common])
+                result = cache.load(section.name, key)
+                if result is not None:
+                    progress.add_task(f"{escape(label)} (cached)", total=1, completed=1)
+                    timings[label] = {"seconds": 0.0, "cached": True}
                 else:
-                    task = progress.add_task(label, total=section.work(audit_data))
+                    task = progress.add_task(escape(label), total=section.work(audit_data))
                     torch.manual_seed(seed)
+                    start = time.perf_counter()
                     if model is None:
                         result = section.run_all(
                             {m.name: m.model for m in models}, audit_data, lambda k, t=task: progress.advance(t, k)
                         )
                     else:
                         result = section.run(model.model, audit_data, lambda k, t=task: progress.advance(t, k))
-                    path.write_text(json.dumps(result))
-                    timings[label] = f"{progress.tasks[task].elapsed:.1f} s"
+                    seconds = time.perf_counter() - start
+                    cache.store(section.name, key, result, seconds)
+                    timings[label] = {"seconds": round(seconds, 3), "cached": False}
                 if model is None:
                     results[section.name] = result
                 else:
@@ -141,7 +162,7 @@ def run_audit(
         "timings": timings,
         "results": results,
     }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    atomic_write(out_dir / "report.json", json.dumps(json_safe(report), indent=1, default=str, allow_nan=False) + "\n")
     if html or wandb:
         from robustattr.audit.report import write_html, write_wandb
 
@@ -167,12 +188,14 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     parser.add_function_arguments(run_audit, skip={"checkpoints", "config"})
     cfg = parser.parse_args(args)
     dumped = json.loads(parser.dump(cfg, format="json", skip_none=False))
-    init = parser.instantiate_classes(cfg)
-    kwargs = {k: v for k, v in vars(init).items() if k not in ("config", "checkpoint", "__path__")}
     try:
+        init = parser.instantiate_classes(cfg)
+        kwargs = {k: v for k, v in vars(init).items() if k not in ("config", "checkpoint", "__path__")}
         report = run_audit(list(cfg.checkpoint), config=dumped, **kwargs)
-    except RobustAttrError as err:
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
-        raise SystemExit(1) from None
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        exit_with_error(user_error)
     Console(highlight=False).print(f"[bold]report[/bold] {Path(kwargs.get('out', 'audit')) / 'report.json'}")
     return report

@@ -2,7 +2,8 @@
 on the audit's fixed, seeded subset and returns plain JSON-able results; `robustattr.audit.report` draws them.
 
 Per-checkpoint sections implement ``run(model, data, progress)``; cross-checkpoint sections (transferability)
-implement ``run_all(models, data, progress)``. ``settings()`` identifies a section's configuration in the cache.
+implement ``run_all(models, data, progress)``. The cache identifies a section by its complete state
+(`robustattr.audit.cache.fingerprint`), so every setting a section holds takes part in its cache key.
 """
 
 from __future__ import annotations
@@ -88,9 +89,6 @@ class Section:
 
     name = "section"
     cross_model = False
-
-    def settings(self) -> dict[str, str]:
-        return {k: repr(v) for k, v in sorted(vars(self).items())}
 
     def work(self, data: AuditData) -> int:
         """Units of progress (for the progress bar)."""
