@@ -3,41 +3,34 @@
 ``python train.py --config X.yaml [--trainer.max_epochs 1 ...]`` parses and type-checks the whole config
 (unknown keys and wrong types fail before anything runs), seeds, instantiates model, data and trainer, fits,
 tests the best checkpoint, and prints the test accuracy, the checkpoint and the run directory.
+
+Every error caused by the input ends in one ``error:`` line without a traceback: parse errors (exit status 2)
+from jsonargparse, and errors found once the pieces meet (exit status 1): `RobustAttrError` wherever it was
+raised (jsonargparse wraps errors of constructors, DataLoader workers re-raise them), an unwritable run
+directory, W&B without credentials.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, NoReturn
 
 import pytorch_lightning as pl
 import yaml
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
 
-from robustattr.errors import RobustAttrError
+from robustattr.errors import ConfigError, RobustAttrError, exit_with_error, find_user_error
+from robustattr.files import AtomicCheckpointIO
 from robustattr.module import RobustClassifier
+from robustattr.run import CONFIG_KEY, run_dir
 
-CONFIG_KEY = "robustattr_config"
 console = Console(stderr=False, highlight=False)
-
-
-def run_dir(trainer: pl.Trainer) -> Path:
-    """The folder of this run: ``save_dir/name/version`` of the first logger, where ModelCheckpoint puts its
-    ``checkpoints/`` folder too; the trainer's root folder when there is no logger."""
-    if not trainer.loggers:
-        return Path(trainer.default_root_dir)
-    logger = trainer.loggers[0]
-    if isinstance(logger, CSVLogger | TensorBoardLogger):
-        return Path(logger.log_dir)
-    if isinstance(logger, WandbLogger) and trainer.is_global_zero:
-        _ = logger.experiment  # creates the run, which fixes its id (the version)
-    version = logger.version
-    version = version if isinstance(version, str) else f"version_{version}"
-    return Path(logger.save_dir or trainer.default_root_dir) / str(logger.name) / version
 
 
 class RunConfig(SaveConfigCallback):
@@ -64,6 +57,21 @@ class RunConfig(SaveConfigCallback):
         checkpoint[CONFIG_KEY] = self.config_dict
 
 
+def _check_config_files(args: list[str]) -> str | None:
+    """The error for a ``--config`` file that is not UTF-8 text (jsonargparse would end in a traceback)."""
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else None
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        if path is None or not Path(path).is_file():
+            continue
+        try:
+            Path(path).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            return f"--config {path}: not a YAML text file (byte {err.start} is not UTF-8); give a .yaml config"
+    return None
+
+
 class RobustArgumentParser(LightningArgumentParser):
     """Reports a config error as the message alone (the key and what is wrong with it), without the usage
     screen of several hundred options that argparse would print first."""
@@ -76,6 +84,27 @@ class RobustArgumentParser(LightningArgumentParser):
             f"tip: `{self.prog} --help` lists the accepted options, `--print_config` the resolved config\n"
         )
         raise SystemExit(2)
+
+    def parse_args(self, args: Any = None, *rest: Any, **kwargs: Any) -> Any:
+        argv = sys.argv[1:] if args is None else args
+        if isinstance(argv, list) and all(isinstance(a, str) for a in argv):
+            problem = _check_config_files(argv)
+            if problem:
+                self.error(problem)
+        return super().parse_args(args, *rest, **kwargs)
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """Create ``folder`` if needed and write a probe file in it, or end with an error naming it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"cannot write the {what} {folder}: {err.strerror or err}; point --trainer.logger.init_args.save_dir "
+            "(or --trainer.default_root_dir) to a writable folder"
+        ) from None
 
 
 class RobustCLI(LightningCLI):
@@ -93,6 +122,18 @@ class RobustCLI(LightningCLI):
             parser_kwargs={"description": "Train a robustattr classifier from a YAML config."},
             **kwargs,
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        # Checkpoints are written atomically (a full disk never leaves a truncated file under a real name),
+        # unless the config chose its own CheckpointIO plugin.
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        folders = [(Path(trainer.default_root_dir), "trainer's root folder")]
+        folders += [(Path(lg.save_dir), "logger's save_dir") for lg in trainer.loggers if lg.save_dir]
+        for folder, what in folders:
+            check_writable(folder, what)
+        return trainer
 
 
 def fit_and_test(cli: RobustCLI) -> dict[str, Any]:
@@ -128,14 +169,36 @@ def _print_summary(trainer: pl.Trainer, summary: dict[str, Any]) -> None:
     console.print(f"[bold]run dir[/bold]       {summary['run_dir']}")
 
 
+def user_error(err: BaseException) -> RobustAttrError | None:
+    """The input error behind ``err``, if it has one: a `RobustAttrError` anywhere in its chain, or W&B refusing
+    to log online (no credentials, no network)."""
+    found = find_user_error(err)
+    if found is not None:
+        return found
+    import wandb.errors
+
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, wandb.errors.Error):
+            return ConfigError(
+                f"W&B: {' '.join(str(err).split())} Log in once with `wandb login` (or set WANDB_API_KEY), or keep "
+                "the run offline: --trainer.logger.init_args.offline true"
+            )
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(args: list[str] | None = None) -> dict[str, Any]:
-    """Entry point of train.py. A RobustAttrError (missing data, inconsistent config) ends in one line on
-    stderr and exit status 1; config parse errors are reported by jsonargparse (exit status 2)."""
+    """Entry point of train.py. An input error ends in one line on stderr and exit status 1; config parse errors
+    are reported by jsonargparse (exit status 2)."""
     try:
         return fit_and_test(RobustCLI(args=args))
-    except RobustAttrError as err:
-        Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
-        raise SystemExit(1) from None
+    except Exception as err:
+        found = user_error(err)
+        if found is None:
+            raise
+        exit_with_error(found)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics.classification import MulticlassAccuracy
 
 from robustattr.attacks.surrogate import is_piecewise_linear
-from robustattr.errors import ConfigError
+from robustattr.errors import ConfigError, NonFiniteError
 from robustattr.models.weights import load_weights
 from robustattr.regularizers.base import ObjectiveTerm
 
@@ -40,8 +41,17 @@ class RobustClassifier(pl.LightningModule):
         num_classes: number of classes; read from ``net.num_classes`` when not given.
         weights: initialise the network from a local file (a train.py checkpoint, a state dict, safetensors),
             e.g. to fine-tune a ReLU model with softplus activations; loaded with ``weights_only=True``.
-        nonfinite: what a NaN or infinite training loss does: ``"raise"`` stops with an error naming the term
-            and the step; ``"skip"`` warns and skips the parameter update (single process only).
+        nonfinite: what a NaN or infinite training loss does. ``"raise"`` stops training with an error naming the
+            first such step and which parts (the cross-entropy, a term) were not finite. The check costs no host
+            synchronisation per step: each step records its finiteness on the device, and the record is read every
+            ``nonfinite_check_every`` steps, at the end of each epoch and before validation (so no checkpoint is
+            saved from a diverged run). ``"skip"`` decides every step (one host sync and, under DDP, one small
+            all-gather, so that every process skips together) and skips the update, BatchNorm statistics
+            included, with a warning; after ``max_consecutive_skips`` skips in a row it stops as ``"raise"`` does.
+            (A skipped step still counts as a step for Lightning's step counter and step-wise schedulers.) Either
+            way a checkpoint with non-finite weights is never written.
+        nonfinite_check_every: steps between reads of the device-side record (``"raise"``).
+        max_consecutive_skips: consecutive skipped steps after which ``"skip"`` gives up.
 
     Logs ``train/loss``, ``train/ce``, ``train/acc``, ``train/reg/<name>`` per term, ``val/loss``, ``val/acc``,
     ``test/loss``, ``test/acc``.
@@ -59,6 +69,8 @@ class RobustClassifier(pl.LightningModule):
         num_classes: int | None = None,
         weights: str | None = None,
         nonfinite: Literal["raise", "skip"] = "raise",
+        nonfinite_check_every: int = 50,
+        max_consecutive_skips: int = 10,
     ) -> None:
         super().__init__()
         # From a config (LightningCLI) the hyper-parameters are the config itself, plain data that rebuilds the
@@ -71,7 +83,19 @@ class RobustClassifier(pl.LightningModule):
         self.net = net
         if weights:
             load_weights(self.net, weights)
+        if nonfinite_check_every < 1 or max_consecutive_skips < 1:
+            raise ConfigError(
+                "RobustClassifier: nonfinite_check_every and max_consecutive_skips must be at least 1, got "
+                f"{nonfinite_check_every} and {max_consecutive_skips}"
+            )
         self.nonfinite = nonfinite
+        self.nonfinite_check_every = nonfinite_check_every
+        self.max_consecutive_skips = max_consecutive_skips
+        self._first_bad_step: torch.Tensor | None = None  # device-side record of the first non-finite step
+        self._bad_parts: torch.Tensor | None = None  # which parts of the loss were non-finite at that step
+        self._consecutive_skips = 0
+        self._skip_update = False
+        self._norm_stats: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.terms = nn.ModuleList(terms or [])
         names = [term.name for term in self.terms]
         if len(set(names)) != len(names):
@@ -105,11 +129,6 @@ class RobustClassifier(pl.LightningModule):
             )
         if stage == "fit" and self._trainer is not None:
             self._check_terms(str(self.trainer.precision))
-            if self.nonfinite == "skip" and self.trainer.world_size > 1:
-                raise ConfigError(
-                    "model.nonfinite: skip is not supported under DDP (a skipped step on one process would leave "
-                    "the others waiting in the gradient all-reduce); use raise"
-                )
 
     def _check_terms(self, precision: str) -> None:
         second_order = [t.name for t in self.terms if t.second_order]
@@ -127,23 +146,35 @@ class RobustClassifier(pl.LightningModule):
                         "own curvature too."
                     )
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
+        if self.nonfinite == "skip":  # a skipped step must not move BatchNorm statistics either
+            self._norm_stats = [
+                (b, b.clone()) for m in self.net.modules() if isinstance(m, _BatchNorm) for b in m.buffers()
+            ]
         if any(term.uses_clean_forward for term in self.terms):
             x = x.detach().requires_grad_(True)  # terms reuse this forward for their input gradients
         logits = self(x)
         ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         loss = self.ce_weight * ce
         epoch = self.current_epoch + batch_idx / max(1, self._batches_per_epoch())
-        values = {}
+        values = {"cross-entropy": ce}
         for term in self.terms:
             term.epoch = epoch
             args = (self.net, x, y, logits) if term.uses_clean_forward else (self.net, x, y)
             values[term.name] = term(*args)
             self.log(f"train/reg/{term.name}", values[term.name].detach())
             loss = loss + term.current_weight * values[term.name]
-        if values and not torch.isfinite(loss):  # one sync per step, and only with terms
-            return self._nonfinite(values, loss)
+        values["total loss"] = loss
+        finite = torch.stack([torch.isfinite(v.detach()).all() for v in values.values()])
+        if self.nonfinite == "skip":
+            self._skip_update = not self._decide_step(finite, list(values))
+            if self._skip_update:
+                return loss  # backward runs on every process (DDP needs it); optimizer_step skips the update
+        else:
+            self._record(finite)
+            if (batch_idx + 1) % self.nonfinite_check_every == 0:
+                self.check_finite_training(list(values))
         self.train_acc(logits.detach(), y)
         self.log("train/loss", loss.detach(), prog_bar=True)
         self.log("train/ce", ce.detach())
@@ -154,16 +185,110 @@ class RobustClassifier(pl.LightningModule):
         batches = self.trainer.num_training_batches if self._trainer is not None else 1
         return int(batches) if isinstance(batches, int | float) and batches != float("inf") else 1
 
-    def _nonfinite(self, values: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
-        bad = [f"{name}={value.item()}" for name, value in values.items() if not torch.isfinite(value)]
-        where = f"at step {self.global_step} (epoch {self.current_epoch})"
-        message = f"non-finite training loss {loss.item()} {where}: " + (
-            f"penalty {', '.join(bad)}" if bad else "the penalties are finite, the cross-entropy is not"
-        )
-        if self.nonfinite == "raise":
-            raise FloatingPointError(message + " (set model.nonfinite: skip to skip such steps)")
-        rank_zero_warn(message + "; step skipped")
+    # -- non-finite losses ---------------------------------------------------------------------------------------
+    def _parts(self) -> list[str]:
+        return ["cross-entropy", *[term.name for term in self.terms], "total loss"]
+
+    def _gather(self, record: torch.Tensor) -> torch.Tensor:
+        """(processes, n) rows of ``record`` from every process (one row without a process group)."""
+        gathered = self.all_gather(record) if self._trainer is not None else record
+        return gathered.reshape(-1, record.numel())
+
+    def _record(self, finite: torch.Tensor) -> None:
+        """Remember, on the device and without synchronising, the first step whose loss was not finite."""
+        if self._first_bad_step is None or self._first_bad_step.device != finite.device:
+            self._first_bad_step = torch.full((), -1.0, dtype=torch.float64, device=finite.device)
+            self._bad_parts = torch.zeros(finite.shape, dtype=torch.bool, device=finite.device)
+        newly = ~finite.all() & (self._first_bad_step < 0)
+        self._first_bad_step = torch.where(newly, float(self.global_step), self._first_bad_step)
+        self._bad_parts = torch.where(newly, ~finite, self._bad_parts)
+
+    def _message(self, step: int, bad: list[str]) -> str:
+        epoch = f" (epoch {self.current_epoch})" if self._trainer is not None else ""
+        terms = [name for name in bad if name not in ("cross-entropy", "total loss")]
+        if "cross-entropy" in bad:
+            what = "the cross-entropy is not finite: the network's outputs are NaN or infinite (a diverging run: lower "
+            what += "the learning rate, or look for NaN in the data)"
+            if terms:
+                what += f", and so are the penalties {', '.join(terms)}"
+        elif terms:
+            what = f"the penalty {', '.join(terms)} is not finite (the cross-entropy is)"
+        else:
+            what = "the weighted sum of finite parts overflowed"
+        return f"non-finite training loss at step {step}{epoch}: {what}"
+
+    def check_finite_training(self, parts: list[str] | None = None) -> None:
+        """Read the device-side record of every process (one collective) and stop training if any step so far
+        had a non-finite loss. Every process takes the same decision at the same point."""
+        if self.nonfinite != "raise" or self._first_bad_step is None:
+            return
+        record = torch.cat([self._first_bad_step.view(1), self._bad_parts.to(torch.float64)])
+        rows = self._gather(record)
+        bad_rows = rows[rows[:, 0] >= 0]
+        if len(bad_rows):
+            names = parts or self._parts()
+            mask = bad_rows[:, 1:].amax(dim=0) > 0
+            error = NonFiniteError(
+                self._message(int(bad_rows[:, 0].min()), [n for n, m in zip(names, mask.tolist(), strict=True) if m])
+                + " (model.nonfinite: skip skips such steps instead)"
+            )
+            error.collective = True
+            raise error
+
+    def _decide_step(self, finite: torch.Tensor, parts: list[str]) -> bool:
+        """``skip``: whether this step may update the weights, decided by all processes together."""
+        rows = self._gather(finite.to(torch.float64))
+        if bool(rows.min() > 0):
+            self._consecutive_skips = 0
+            return True
+        self._consecutive_skips += 1
+        bad = [n for n, ok in zip(parts, (rows.amin(dim=0) > 0).tolist(), strict=True) if not ok]
+        message = self._message(self.global_step, bad)
+        if self._consecutive_skips > self.max_consecutive_skips:
+            error = NonFiniteError(
+                f"{message}; {self._consecutive_skips} consecutive steps skipped "
+                f"(model.max_consecutive_skips: {self.max_consecutive_skips}): the run has diverged"
+            )
+            error.collective = True
+            raise error
+        rank_zero_warn(f"{message}; update skipped")
+        return False
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """``skip``: run the step's closure (forward, backward), then update only if the step was finite. (Lightning
+        refuses a training step that returns None under DDP, so the skip happens here, on every process.)"""
+        if self.nonfinite != "skip" or optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer_closure()
+        if self._skip_update:
+            optimizer.zero_grad()
+            with torch.no_grad():  # after backward, which reads the statistics the forward saved
+                for buffer, saved in self._norm_stats:
+                    buffer.copy_(saved)
+            return None
+        optimizer.step()
         return None
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite_training()
+
+    def on_validation_epoch_start(self) -> None:
+        if self._trainer is not None and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.check_finite_training()  # before validation metrics and checkpoints of a diverged run
+
+    def on_train_end(self) -> None:
+        self.check_finite_training()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Never write a checkpoint with NaN or infinite weights."""
+        for name, tensor in checkpoint.get("state_dict", {}).items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                error = NonFiniteError(
+                    f"refused to save a checkpoint at step {self.global_step}: the weight '{name}' holds NaN or "
+                    "infinite values (the run diverged)"
+                )
+                error.collective = True  # the weights are the same on every process
+                raise error
 
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metric: MulticlassAccuracy) -> None:
         x, y = batch

@@ -7,10 +7,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
 from torchvision import datasets, transforms
 
 from robustattr.data.base import SplitDataModule
-from robustattr.errors import ConfigError, DatasetNotFoundError
+from robustattr.errors import ConfigError, DatasetNotFoundError, RobustAttrError
+
+
+class UnreadableImageError(RobustAttrError):
+    """An image file of a dataset that cannot be decoded."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    """The image at ``path`` as RGB, or an error naming the file (a truncated download, a stray non-image)."""
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise UnreadableImageError(f"{path}: cannot read this image ({err}); replace or remove the file") from None
 
 
 class ImageFolderDataModule(SplitDataModule):
@@ -86,9 +101,18 @@ class ImageFolderDataModule(SplitDataModule):
             ]
         )
         for split, name in self.split_dirs.items():
-            self.splits[split] = datasets.ImageFolder(
-                str(self.root / name), transform=train_tf if split == "train" else eval_tf
-            )
+            folder = self.root / name
+            try:
+                self.splits[split] = datasets.ImageFolder(
+                    str(folder), transform=train_tf if split == "train" else eval_tf, loader=load_rgb
+                )
+            except FileNotFoundError as err:  # torchvision: "Found no valid file for the classes ..."
+                empty = [p.name for p in sorted(folder.iterdir()) if p.is_dir() and not any(p.iterdir())]
+                detail = f"the class folders {empty} are empty" if empty else str(err)
+                raise DatasetNotFoundError(
+                    f"{folder} (the {split} split): {detail}; every class folder needs at least one image "
+                    f"({', '.join(datasets.folder.IMG_EXTENSIONS)})"
+                ) from None
 
 
 class ImageNetDataModule(ImageFolderDataModule):

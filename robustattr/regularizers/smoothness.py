@@ -130,7 +130,10 @@ class SSR(ObjectiveTerm):
             (jac,) = torch.autograd.grad(logits, x, grad_outputs=eye, is_grads_batched=True, retain_graph=True)
             jac = self._reduce(jac.reshape(c * n, *x.shape[1:])).reshape(c, n, -1).transpose(0, 1)  # (N, C, d)
             gram = jac @ jac.transpose(1, 2)
-            values, vectors = torch.linalg.eigh(L.transpose(1, 2) @ gram @ L)
+            # eigh raises on NaN input: a diverged batch gets a zero matrix here, its penalty still comes out NaN
+            # (it is built from the same logits), and the training step's non-finite check names it.
+            matrix = torch.nan_to_num(L.transpose(1, 2) @ gram @ L, nan=0.0, posinf=0.0, neginf=0.0)
+            values, vectors = torch.linalg.eigh(matrix)
             return vectors[..., -1], values[..., -1]
         u = torch.randn(n, c, device=x.device, dtype=logits.dtype)
         u = u / u.norm(dim=1, keepdim=True)
