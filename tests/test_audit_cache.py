@@ -13,6 +13,7 @@ from robustattr.attacks import LinfBall, RandomSignAttack, TopKAttack
 from robustattr.attributions import IntegratedGradients, Saliency
 from robustattr.audit import ExplanationFragility, Section, run_audit
 from robustattr.audit.cache import fingerprint
+from robustattr.errors import NonFiniteError
 from robustattr.files import DiskFullError, atomic_write
 from robustattr.models import SmallCNN
 
@@ -170,3 +171,15 @@ def test_fingerprint_sees_every_attribute_and_refuses_what_it_cannot_describe():
 
     with pytest.raises(TypeError, match="cannot fingerprint"):
         fingerprint(Opaque())
+
+
+def test_a_checkpoint_with_non_finite_weights_is_refused_not_reported_robust(tmp_path):
+    """An all-NaN model used to be reported as perfectly robust (every attack "failed" to change its output)."""
+    state = {
+        k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+        for k, v in SmallCNN(width=4).state_dict().items()
+    }
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(NonFiniteError, match=r"nan\.pt: the weights are not finite"):
+        audit(tmp_path / "nan.pt", tmp_path, fragility())
+    assert not (tmp_path / "report.json").exists()
