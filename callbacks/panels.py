@@ -13,7 +13,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
 from robustattr.attacks import ExplanationAttack, TopKAttack
-from robustattr.attacks.base import gradient_context
+from robustattr.attacks.base import gradient_context, with_seed
 from robustattr.attributions import Attribution
 from robustattr.callbacks.base import eval_dataset
 from robustattr.data.base import seeded_subset
@@ -92,7 +92,7 @@ class AttributionPanels(pl.Callback):
         start = time.perf_counter()
         x, y = self._examples(trainer, stage)
         with gradient_context(pl_module):
-            result = self.attack.with_eps(self.attack.threat.eps).run(pl_module, x.to(pl_module.device), y)
+            result = with_seed(self.attack, self.seed).run(pl_module, x.to(pl_module.device), y)
         clean, adv = result.maps_clean.cpu(), result.maps_adv.cpu()
         k = self.attack.k or default_k(*clean.shape[1:])
         masks = (topk_mask(clean, k), topk_mask(adv, k))

@@ -6,21 +6,28 @@ model only through its public ``forward`` (images in [0, 1] -> logits).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics.classification import MulticlassAccuracy
 
-from robustattr.attacks.surrogate import is_piecewise_linear
 from robustattr.errors import ConfigError, NonFiniteError
+from robustattr.models.activations import is_piecewise_linear
 from robustattr.models.weights import load_weights
 from robustattr.regularizers.base import ObjectiveTerm
+
+# The same types as pytorch_lightning.cli's (so configs name optimizers and schedulers as for any LightningCLI),
+# written here so that building or loading a model does not import the CLI.
+OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
+LRSchedulerCallable = Callable[
+    [torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+]
 
 try:  # set by LightningCLI while it instantiates the model from a config
     from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
@@ -93,6 +100,7 @@ class RobustClassifier(pl.LightningModule):
         self.max_consecutive_skips = max_consecutive_skips
         self._first_bad_step: torch.Tensor | None = None  # device-side record of the first non-finite step
         self._bad_parts: torch.Tensor | None = None  # which parts of the loss were non-finite at that step
+        self._part_names: list[str] = []
         self._consecutive_skips = 0
         self._skip_update = False
         self._norm_stats: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -102,6 +110,8 @@ class RobustClassifier(pl.LightningModule):
             raise ConfigError(f"RobustClassifier: objective terms need distinct names, got {names}")
         if ce_weight < 0:
             raise ConfigError(f"RobustClassifier: ce_weight must be non-negative, got {ce_weight}")
+        if ce_weight == 0 and not self.terms:
+            raise ConfigError("RobustClassifier: ce_weight is 0 and there are no terms: nothing would be trained")
         self.num_classes = num_classes or getattr(net, "num_classes", None)
         if not self.num_classes:
             raise ConfigError(
@@ -152,18 +162,26 @@ class RobustClassifier(pl.LightningModule):
             self._norm_stats = [
                 (b, b.clone()) for m in self.net.modules() if isinstance(m, _BatchNorm) for b in m.buffers()
             ]
-        if any(term.uses_clean_forward for term in self.terms):
-            x = x.detach().requires_grad_(True)  # terms reuse this forward for their input gradients
-        logits = self(x)
-        ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-        loss = self.ce_weight * ce
+        for term in self.terms:  # adversaries are crafted against the network as it is at the start of the step
+            term.prepare(self.net, x, y)
+        reuse = any(term.uses_clean_forward for term in self.terms)
+        logits, values, loss = None, {}, 0.0
+        if self.ce_weight > 0 or reuse:  # with ce_weight 0 and no term reusing it, the clean forward is skipped
+            if reuse:
+                x = x.detach().requires_grad_(True)  # terms reuse this forward for their input gradients
+            logits = self(x)
+            ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+            values["cross-entropy"] = ce
+            loss = self.ce_weight * ce
         epoch = self.current_epoch + batch_idx / max(1, self._batches_per_epoch())
-        values = {"cross-entropy": ce}
         for term in self.terms:
             term.epoch = epoch
             args = (self.net, x, y, logits) if term.uses_clean_forward else (self.net, x, y)
             values[term.name] = term(*args)
             self.log(f"train/reg/{term.name}", values[term.name].detach())
+            if term.training_logits is not None:
+                accuracy = (term.training_logits.argmax(dim=1) == y).float().mean()
+                self.log(f"train/{term.name}/acc", accuracy, on_step=False, on_epoch=True)
             loss = loss + term.current_weight * values[term.name]
         values["total loss"] = loss
         finite = torch.stack([torch.isfinite(v.detach()).all() for v in values.values()])
@@ -172,13 +190,14 @@ class RobustClassifier(pl.LightningModule):
             if self._skip_update:
                 return loss  # backward runs on every process (DDP needs it); optimizer_step skips the update
         else:
-            self._record(finite)
+            self._record(finite, list(values))
             if (batch_idx + 1) % self.nonfinite_check_every == 0:
-                self.check_finite_training(list(values))
-        self.train_acc(logits.detach(), y)
+                self.check_finite_training()
         self.log("train/loss", loss.detach(), prog_bar=True)
-        self.log("train/ce", ce.detach())
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        if logits is not None:
+            self.train_acc(logits.detach(), y)
+            self.log("train/ce", values["cross-entropy"].detach())
+            self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
     def _batches_per_epoch(self) -> int:
@@ -186,16 +205,15 @@ class RobustClassifier(pl.LightningModule):
         return int(batches) if isinstance(batches, int | float) and batches != float("inf") else 1
 
     # -- non-finite losses ---------------------------------------------------------------------------------------
-    def _parts(self) -> list[str]:
-        return ["cross-entropy", *[term.name for term in self.terms], "total loss"]
 
     def _gather(self, record: torch.Tensor) -> torch.Tensor:
         """(processes, n) rows of ``record`` from every process (one row without a process group)."""
         gathered = self.all_gather(record) if self._trainer is not None else record
         return gathered.reshape(-1, record.numel())
 
-    def _record(self, finite: torch.Tensor) -> None:
+    def _record(self, finite: torch.Tensor, names: list[str]) -> None:
         """Remember, on the device and without synchronising, the first step whose loss was not finite."""
+        self._part_names = names
         if self._first_bad_step is None or self._first_bad_step.device != finite.device:
             self._first_bad_step = torch.full((), -1.0, dtype=torch.float64, device=finite.device)
             self._bad_parts = torch.zeros(finite.shape, dtype=torch.bool, device=finite.device)
@@ -217,7 +235,7 @@ class RobustClassifier(pl.LightningModule):
             what = "the weighted sum of finite parts overflowed"
         return f"non-finite training loss at step {step}{epoch}: {what}"
 
-    def check_finite_training(self, parts: list[str] | None = None) -> None:
+    def check_finite_training(self) -> None:
         """Read the device-side record of every process (one collective) and stop training if any step so far
         had a non-finite loss. Every process takes the same decision at the same point."""
         if self.nonfinite != "raise" or self._first_bad_step is None:
@@ -226,7 +244,7 @@ class RobustClassifier(pl.LightningModule):
         rows = self._gather(record)
         bad_rows = rows[rows[:, 0] >= 0]
         if len(bad_rows):
-            names = parts or self._parts()
+            names = self._part_names
             mask = bad_rows[:, 1:].amax(dim=0) > 0
             error = NonFiniteError(
                 self._message(int(bad_rows[:, 0].min()), [n for n, m in zip(names, mask.tolist(), strict=True) if m])

@@ -24,6 +24,7 @@ from robustattr.attacks import (
     shared_weight_copy,
     softplus_surrogate,
 )
+from robustattr.attacks.base import with_seed
 from robustattr.attributions import IntegratedGradients
 from robustattr.errors import ConfigError
 from robustattr.models import SmallCNN, count_activations
@@ -113,6 +114,7 @@ def test_attack_contract(bn_net, attack, context):
     modes = [m.training for m in bn_net.modules()]
     grad_before = bn_net.classifier.weight.grad.clone()
     guard = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}[context]
+    attack = with_seed(attack, 0)
     with guard():
         x_adv = attack(bn_net, x.clone(), y.clone())
     assert x_adv.shape == x.shape and not x_adv.requires_grad

@@ -17,13 +17,7 @@ import torch
 from torch import nn
 
 from robustattr.attacks.base import generator_for, gradient_context, prepare
-from robustattr.attacks.surrogate import (
-    BetaSchedule,
-    is_piecewise_linear,
-    require_second_order,
-    set_beta,
-    softplus_surrogate,
-)
+from robustattr.attacks.surrogate import BetaSchedule, require_second_order, softplus_surrogate
 from robustattr.attacks.threat import LinfBall
 from robustattr.attributions.gradient import Attribution, Saliency
 from robustattr.errors import ConfigError
@@ -35,6 +29,7 @@ from robustattr.metrics.functional import (
     topk_intersection,
     topk_mask,
 )
+from robustattr.models.activations import needs_smooth_surrogate, set_beta
 
 
 @dataclass
@@ -57,11 +52,13 @@ class ExplanationAttack:
         step_size: default eps/8 (1/255 at 8/255, the RAR/ART setting).
         restarts: independent runs (with ``random_start``), the best eligible iterate over all is kept.
         random_start: start from a random point of the ball.
-        beta: softplus beta of the surrogate used for the attack gradient on piecewise-linear networks; None
-            attacks the network itself (right for smooth networks; on ReLU networks it raises).
+        beta: softplus beta of the smooth surrogate used for the attack gradient on networks with kinked
+            activations (`softplus_surrogate`); None attacks the network itself (right for smooth networks; on
+            ReLU networks it raises).
         beta_end: anneal beta geometrically from ``beta`` to ``beta_end`` over the steps.
         k: top-k size for the metric (default: 100 for 32x32, 1000 for 224x224, 1/8 of smaller images).
-        seed: seed of random starts and random directions.
+        seed: seed of random starts and random directions; None (the default) draws from the global RNG, fresh on
+            every call (callbacks and the audit inject a seed per chunk, so they are reproducible).
     """
 
     short_name = "explanation"
@@ -79,7 +76,7 @@ class ExplanationAttack:
         beta: float | None = 10.0,
         beta_end: float | None = None,
         k: int | None = None,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         if steps < 1 or restarts < 1:
             raise ConfigError(f"{type(self).__name__}: steps and restarts must be at least 1")
@@ -162,7 +159,7 @@ class ExplanationAttack:
             maps_clean = pixel_map(attr)
             ctx = self.context(maps_clean, x, logits)
             attacker = model
-            if self.uses_gradient and self.schedule is not None and is_piecewise_linear(model):
+            if self.uses_gradient and self.schedule is not None and needs_smooth_surrogate(model):
                 attacker = softplus_surrogate(model, self.schedule.start)
             fused = self.uses_gradient and attacker is model
             best_x, best_maps = x.clone(), maps_clean.clone()
@@ -305,9 +302,11 @@ class TargetedAttack(ExplanationAttack):
 class TargetMapAttack(ExplanationAttack):
     """Dombrowski et al.'s manipulation: make the map of x look like a target map ``h_t`` while the output stays,
     minimising ``||h(x') - h_t||^2 + gamma * ||softmax(x') - softmax(x)||^2`` with Adam (learning rate
-    ``step_size``), projected onto the ball after each step. ``h`` is the pixel map normalised to sum 1; the
-    target of each sample is the clean map of another image of the batch (the next one). Damage score:
-    ``-||h(x') - h_t||^2`` (higher: closer to the target)."""
+    ``step_size``), projected onto the ball after each step. ``h`` is the pixel map normalised to sum 1. The
+    target of each sample is a function of that sample alone: its own clean map shifted circularly by half the
+    image in both directions (a plausible explanation, somewhere else), so it is the same whatever the batch
+    (Dombrowski et al. take another image's map; taking it from the batch made a single image its own target and
+    the targets change with chunking). Damage score: ``-||h(x') - h_t||^2`` (higher: closer to the target)."""
 
     short_name = "target_map"
 
@@ -318,7 +317,8 @@ class TargetMapAttack(ExplanationAttack):
     def context(self, maps_clean, x, logits):
         ctx = super().context(maps_clean, x, logits)
         hw = maps_clean.shape[1] * maps_clean.shape[2]
-        ctx["target_map"] = torch.roll(maps_clean, shifts=1, dims=0) / hw
+        h, w = maps_clean.shape[1:]
+        ctx["target_map"] = torch.roll(maps_clean, shifts=(h // 2, w // 2), dims=(1, 2)) / hw
         ctx["probs"] = logits.softmax(dim=1)
         return ctx
 
@@ -363,7 +363,7 @@ class RandomSignAttack(ExplanationAttack):
         steps: int = 1,
         step_size: float | None = None,
         k: int | None = None,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__(attribution, threat, steps, step_size, 1, False, None, None, k, seed)
 

@@ -5,7 +5,8 @@
 - PGD (Madry et al. 2018): BIM from a uniform random start in the ball, with optional restarts.
 
 All are batched, untargeted or targeted (a given class, random, least likely, runner-up), optionally stop
-per sample once they succeed, and are seeded (the same seed gives the same adversaries).
+per sample once they succeed, and draw fresh randomness by default or a fixed stream with ``seed`` (the same seed
+gives the same adversaries).
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ class PGD:
         target: ``"none"`` (untargeted), ``"random"``, ``"least_likely"`` or ``"runner_up"``; an explicit
             ``target`` tensor passed to the call overrides it.
         early_stop: freeze each sample at its first successful iterate.
-        seed: seed of random starts and random targets (the same adversaries on every call); None draws from
-            the global RNG (fresh starts on every call, as adversarial training wants).
+        seed: None (the default) draws random starts and random targets from the global RNG: fresh on every call,
+            as adversarial training needs, and reproducible under ``seed_everything``. An int gives a private
+            generator: the same adversaries on every call (validation callbacks and the audit inject one per chunk).
     """
 
     short_name = "pgd"
@@ -49,7 +51,7 @@ class PGD:
         restarts: int = 1,
         target: TargetMode = "none",
         early_stop: bool = False,
-        seed: int | None = 0,
+        seed: int | None = None,
     ) -> None:
         if steps < 1 or restarts < 1:
             raise ConfigError(f"{type(self).__name__}: steps and restarts must be at least 1, got {steps}, {restarts}")
@@ -156,7 +158,7 @@ class BIM(PGD):
         step_size: float | None = None,
         target: TargetMode = "none",
         early_stop: bool = False,
-        seed: int | None = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__(threat, steps, step_size, False, 1, target, early_stop, seed)
 
@@ -166,7 +168,7 @@ class FGSM(PGD):
 
     short_name = "fgsm"
 
-    def __init__(self, threat: ThreatModel | None = None, target: TargetMode = "none", seed: int | None = 0) -> None:
+    def __init__(self, threat: ThreatModel | None = None, target: TargetMode = "none", seed: int | None = None) -> None:
         super().__init__(threat, 1, None, False, 1, target, False, seed)
 
     @property

@@ -1,11 +1,14 @@
-"""Smooth surrogates for second-order work on piecewise-linear networks.
+"""Smooth surrogates for second-order work on networks with kinked activations.
 
 The gradient map of a ReLU network is piecewise constant, so the gradient of any function of a gradient-based
 explanation is exactly zero and an explanation attack would do nothing (REFERENCE.md sections 3 and 8). The
 papers compute the attack gradient on a copy with ReLU replaced by softplus(beta) and judge every iterate on
 the original model. `softplus_surrogate` builds that copy without copying weights: it shares the original's
-parameters and buffers, so it is cheap and always in sync. `BetaSchedule` anneals beta (Dombrowski et al.).
-`require_second_order` turns a silent all-zero attack gradient into a clear error.
+parameters and buffers, so it is cheap and always in sync, and replaces every kinked activation by its smooth
+twin (`robustattr.models.activations.smooth_twin`: LeakyReLU by ``a x + (1 - a) softplus(x)``, ReLU6 by
+``softplus(x) - softplus(x - 6)``, ...), so the surrogate converges to the network itself as beta grows.
+`BetaSchedule` anneals beta (Dombrowski et al.). `require_second_order` turns a silent all-zero attack gradient
+into a clear error.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from torch import nn
 
 from robustattr.errors import ConfigError, RobustAttrError
-from robustattr.models.layers import count_activations, swap_activations
+from robustattr.models.activations import is_piecewise_linear, needs_smooth_surrogate, set_beta, smooth_twin
 
 
 class SecondOrderZeroError(RobustAttrError):
@@ -37,24 +40,31 @@ def shared_weight_copy(model: nn.Module) -> nn.Module:
 
 
 def softplus_surrogate(model: nn.Module, beta: float) -> nn.Module:
-    """``model`` with every piecewise-linear activation replaced by softplus(beta), sharing its weights.
+    """``model`` with every kinked activation replaced by its smooth twin of sharpness ``beta`` (softplus for
+    ReLU), sharing its weights; as beta grows, its outputs converge to the model's.
 
-    A model without piecewise-linear activations (already smooth) comes back as a plain shared-weight copy."""
+    A model without kinked activations (already smooth) comes back as a plain shared-weight copy."""
     if beta <= 0:
         raise ConfigError(f"softplus surrogate: beta must be positive, got {beta}")
     surrogate = shared_weight_copy(model)
-    swap_activations(surrogate, lambda: nn.Softplus(beta=beta))
+    for parent in list(surrogate.modules()):
+        for name, child in list(parent.named_children()):
+            twin = smooth_twin(child, beta)
+            if twin is not None:
+                setattr(parent, name, twin)
     return surrogate
 
 
-def set_beta(surrogate: nn.Module, beta: float) -> None:
-    for module in surrogate.modules():
-        if isinstance(module, nn.Softplus):
-            module.beta = beta
-
-
-def is_piecewise_linear(model: nn.Module) -> bool:
-    return count_activations(model) > 0
+__all__ = [
+    "BetaSchedule",
+    "SecondOrderZeroError",
+    "is_piecewise_linear",
+    "needs_smooth_surrogate",
+    "require_second_order",
+    "set_beta",
+    "shared_weight_copy",
+    "softplus_surrogate",
+]
 
 
 class BetaSchedule:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import captum.attr
 import numpy as np
 import torch
 from torch import nn
@@ -20,9 +19,16 @@ from robustattr.errors import ConfigError
 
 
 class CaptumAttribution(Attribution):
-    """Base adapter: subclasses name the Captum class and the keyword arguments of ``attribute``."""
+    """Base adapter: subclasses name the Captum class (``captum_class``, in ``captum.attr``) and the keyword
+    arguments of ``attribute``. Captum is imported on first use, not with robustattr."""
 
-    method: type
+    captum_class: str
+
+    @property
+    def method(self) -> type:
+        import captum.attr
+
+        return getattr(captum.attr, self.captum_class)
 
     def kwargs(self, x: torch.Tensor) -> dict[str, Any]:
         return {}
@@ -46,7 +52,7 @@ class DeepLift(CaptumAttribution):
 
     short_name = "deeplift"
 
-    method = captum.attr.DeepLift
+    captum_class = "DeepLift"
 
     def __init__(self, baseline: float = 0.0) -> None:
         super().__init__()
@@ -61,7 +67,7 @@ class GradientShap(CaptumAttribution):
 
     short_name = "gradient_shap"
 
-    method = captum.attr.GradientShap
+    captum_class = "GradientShap"
 
     def __init__(self, samples: int = 50, stdevs: float = 0.0, seed: int = 0) -> None:
         super().__init__()
@@ -92,7 +98,7 @@ class Occlusion(CaptumAttribution):
 
     short_name = "occlusion"
 
-    method = captum.attr.Occlusion
+    captum_class = "Occlusion"
 
     def __init__(self, window: int = 4, stride: int = 2, baseline: float = 0.0) -> None:
         super().__init__()

@@ -212,7 +212,7 @@ def _tradeoff(report):
 def _examples(models, data: AuditData) -> Figure:
     model = models[0].model
     x, y = data.x[:4], data.y[:4]
-    attack = TopKAttack(steps=10)
+    attack = TopKAttack(steps=10, seed=data.seed)
     with gradient_context(model):
         result = attack.run(model, x.to(next(model.parameters()).device), y)
     clean, adv = result.maps_clean.cpu(), result.maps_adv.cpu()

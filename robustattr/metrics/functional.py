@@ -8,7 +8,6 @@ to ``H * W``, the convention of the fragility papers, so our numbers are compara
 from __future__ import annotations
 
 import torch
-from torchmetrics.functional import kendall_rank_corrcoef, spearman_corrcoef
 
 
 def pixel_map(attribution: torch.Tensor) -> torch.Tensor:
@@ -43,18 +42,80 @@ def topk_intersection(maps_a: torch.Tensor, maps_b: torch.Tensor, k: int) -> tor
     return _flat(both).sum(dim=1).to(maps_a.dtype) / k
 
 
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Per row, the rank of each entry (1-based) with ties given their average rank, as scipy.stats.rankdata."""
+    n = values.shape[1]
+    order = values.argsort(dim=1, stable=True)
+    ordered = values.gather(1, order)
+    new_group = torch.ones_like(ordered, dtype=torch.bool)
+    new_group[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    group = new_group.cumsum(dim=1) - 1  # group index of each sorted entry
+    position = torch.arange(1, n + 1, device=values.device, dtype=torch.float64).expand_as(ordered)
+    total = torch.zeros_like(position).scatter_add_(1, group, position)
+    count = torch.zeros_like(position).scatter_add_(1, group, torch.ones_like(position))
+    ranks_sorted = (total / count.clamp_min(1)).gather(1, group)
+    return torch.empty_like(ranks_sorted).scatter_(1, order, ranks_sorted)
+
+
 def spearman(maps_a: torch.Tensor, maps_b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation per sample (average ranks for ties, as scipy.stats.spearmanr)."""
-    a, b = _flat(maps_a).float(), _flat(maps_b).float()
-    out = spearman_corrcoef(a.T, b.T)  # columns are outputs: one correlation per sample
-    return out.reshape(-1)
+    """Spearman rank correlation per sample (average ranks for ties; NaN for a constant map), as
+    scipy.stats.spearmanr. O(n log n) per sample, batched, on the maps' device."""
+    a, b = _average_ranks(_flat(maps_a).double()), _average_ranks(_flat(maps_b).double())
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    out = (a * b).sum(dim=1) / (a.pow(2).sum(dim=1) * b.pow(2).sum(dim=1)).sqrt()
+    return out.to(maps_a.dtype if maps_a.is_floating_point() else torch.float32)
+
+
+def _tied_pairs(ordered: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+    """Per row, the number of pairs within runs of equal neighbours (``same[:, i]``: entry i+1 equals entry i)."""
+    new_group = torch.ones(ordered.shape, dtype=torch.bool, device=ordered.device)
+    new_group[:, 1:] = ~same
+    group = new_group.cumsum(dim=1) - 1
+    count = torch.zeros(ordered.shape, dtype=torch.float64, device=ordered.device)
+    count.scatter_add_(1, group, torch.ones_like(count))
+    return (count * (count - 1) / 2).sum(dim=1)
+
+
+def _inversions(values: torch.Tensor) -> torch.Tensor:
+    """Per row, the number of pairs i < j with values[i] > values[j]: bottom-up merge counting, each level
+    answered for all blocks at once with a batched binary search (O(n log^2 n), no Python loop over entries)."""
+    rows, n = values.shape
+    size = 1 << max(0, (n - 1).bit_length())
+    pad = torch.full((rows, size - n), float("inf"), dtype=values.dtype, device=values.device)
+    blocks = torch.cat([values, pad], dim=1)  # padding at the end adds no inversion
+    total = torch.zeros(rows, dtype=torch.float64, device=values.device)
+    width = 1
+    while width < size:
+        pairs = blocks.view(rows, size // (2 * width), 2, width)  # each half already sorted
+        left, right = pairs[:, :, 0].contiguous(), pairs[:, :, 1].contiguous()
+        not_greater = torch.searchsorted(left, right, right=True)  # left entries <= each right entry
+        total += (width - not_greater).flatten(1).sum(dim=1).double()
+        blocks = pairs.reshape(rows, size // (2 * width), 2 * width).sort(dim=2).values.reshape(rows, size)
+        width *= 2
+    return total
 
 
 def kendall_tau(maps_a: torch.Tensor, maps_b: torch.Tensor) -> torch.Tensor:
-    """Kendall's tau-b per sample (as scipy.stats.kendalltau)."""
-    a, b = _flat(maps_a).float(), _flat(maps_b).float()
-    out = kendall_rank_corrcoef(a.T, b.T, variant="b")
-    return out.reshape(-1)
+    """Kendall's tau-b per sample, equal to scipy.stats.kendalltau (ties included; NaN for a constant map).
+
+    Knight's method: sort by (a, b), count the discordant pairs as the inversions of b in that order, and correct
+    for ties in a, in b and in both. O(n log^2 n) per sample, batched, on the maps' device: two 224 x 224 maps take
+    milliseconds (a pairwise O(n^2) method takes minutes)."""
+    a, b = _flat(maps_a).double(), _flat(maps_b).double()
+    n = a.shape[1]
+    by_b = b.argsort(dim=1, stable=True)
+    order = by_b.gather(1, a.gather(1, by_b).argsort(dim=1, stable=True))  # lexicographic by (a, b)
+    a_sorted, b_sorted = a.gather(1, order), b.gather(1, order)
+    same_a = a_sorted[:, 1:] == a_sorted[:, :-1]
+    a_ties = _tied_pairs(a_sorted, same_a)
+    both_ties = _tied_pairs(a_sorted, same_a & (b_sorted[:, 1:] == b_sorted[:, :-1]))
+    b_ordered = b.sort(dim=1).values
+    b_ties = _tied_pairs(b_ordered, b_ordered[:, 1:] == b_ordered[:, :-1])
+    discordant = _inversions(b_sorted)
+    pairs = n * (n - 1) / 2
+    tau = (pairs - a_ties - b_ties + both_ties - 2 * discordant) / ((pairs - a_ties) * (pairs - b_ties)).sqrt()
+    return tau.to(maps_a.dtype if maps_a.is_floating_point() else torch.float32)
 
 
 def center_of_mass(maps: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,15 @@
 """Networks. Each one takes images in [0, 1], normalises them itself, and exposes ``num_classes``."""
 
-from robustattr.models.layers import (
+from robustattr.models.activations import (
     PIECEWISE_LINEAR,
     ActivationFactory,
-    Normalize,
     count_activations,
+    is_piecewise_linear,
+    needs_smooth_surrogate,
+    smooth_twin,
     swap_activations,
 )
+from robustattr.models.layers import Normalize
 from robustattr.models.pretrained import TimmNet, TorchvisionNet, disable_fused_attention
 from robustattr.models.resnet_cifar import PreActResNet18, ResNet18
 from robustattr.models.small_cnn import SmallCNN
@@ -25,8 +28,11 @@ __all__ = [
     "WideResNet",
     "count_activations",
     "disable_fused_attention",
+    "is_piecewise_linear",
     "load_state_dict_file",
     "load_weights",
+    "needs_smooth_surrogate",
     "safe_torch_load",
+    "smooth_twin",
     "swap_activations",
 ]

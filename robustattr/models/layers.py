@@ -1,41 +1,19 @@
-"""Building blocks shared by every architecture: input normalisation and activations.
-
-Activations are given as factories (`Callable[[], nn.Module]`): a class such as ``torch.nn.ReLU`` or, in YAML,
-``{class_path: torch.nn.Softplus, init_args: {beta: 10}}``. Each layer calls the factory for its own instance.
+"""Building blocks shared by every architecture: input normalisation, and activations given as factories
+(`Callable[[], nn.Module]`): a class such as ``torch.nn.ReLU`` or, in YAML,
+``{class_path: torch.nn.Softplus, init_args: {beta: 10}}``; each layer calls the factory for its own instance.
+What each activation is, and its smooth twin, lives in `robustattr.models.activations`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-ActivationFactory = Callable[[], nn.Module]
+from robustattr.models.activations import ActivationFactory
 
-
-def _timm_piecewise_linear() -> tuple[type[nn.Module], ...]:
-    try:
-        from timm.layers import activations as timm_act
-    except ImportError:  # pragma: no cover - timm is a dependency, but keep this module importable alone
-        return ()
-    names = ("HardSigmoid", "HardSwish", "PReLU")
-    return tuple(getattr(timm_act, name) for name in names if hasattr(timm_act, name))
-
-
-# Activations whose second derivative is zero almost everywhere: the gradient map of a network built from them
-# is piecewise constant, so second-order attacks and curvature penalties see nothing (REFERENCE.md section 8).
-# nn.ReLU covers nn.ReLU(inplace=True); nn.ReLU6 subclasses nn.Hardtanh.
-PIECEWISE_LINEAR: tuple[type[nn.Module], ...] = (
-    nn.ReLU,
-    nn.Hardtanh,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    *_timm_piecewise_linear(),
-)
+__all__ = ["ActivationFactory", "Normalize"]
 
 
 class Normalize(nn.Module):
@@ -58,30 +36,3 @@ class Normalize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
-
-
-def swap_activations(
-    model: nn.Module,
-    activation: ActivationFactory,
-    types: Sequence[type[nn.Module]] = PIECEWISE_LINEAR,
-) -> int:
-    """Replace, in place, every submodule of one of ``types`` with a fresh ``activation()``.
-
-    Covers module activations of any nesting (Sequential, ModuleList, timm's activation layers, torchvision's
-    shared ``self.relu``). Functional calls (``F.relu`` inside a ``forward``) cannot be swapped this way; every
-    robustattr architecture uses module activations only. Returns the number of replaced modules.
-    """
-    types = tuple(types)
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, types):
-                setattr(parent, name, activation())
-                replaced += 1
-    return replaced
-
-
-def count_activations(model: nn.Module, types: Sequence[type[nn.Module]] = PIECEWISE_LINEAR) -> int:
-    """Number of submodules of ``types`` (0 after a complete swap)."""
-    types = tuple(types)
-    return sum(isinstance(m, types) for m in model.modules())

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustattr.models.layers import ActivationFactory, Normalize, swap_activations
+from robustattr.models.activations import ActivationFactory, swap_activations
+from robustattr.models.layers import Normalize
 from robustattr.models.weights import load_weights
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -1,7 +1,12 @@
 """Objectives that need an inner maximisation: PGD adversarial training (and its fast FGSM variant),
 TRADES, IG-NORM and IG-SUM-NORM. The inner maximisation runs through the attack engine, in eval mode with
-parameters frozen (`gradient_context`); the outer loss runs in the network's own mode with BatchNorm
-statistics frozen, so only the training step's clean forward moves them.
+parameters frozen (`gradient_context`), as the TRADES authors' code crafts its adversaries.
+
+BatchNorm: PGD-AT and TRADES train on adversarial batches, and so do their statistics, as in the authors' code:
+the outer forward on x' runs in the network's training mode and updates the running statistics (with
+``ce_weight: 0``, PGD-AT's clean forward is skipped altogether, so the statistics come from adversarial batches
+only, the ones the network is trained on). IG-NORM's many path points are a penalty, not training inputs: its
+outer passes keep the statistics frozen.
 """
 
 from __future__ import annotations
@@ -17,12 +22,27 @@ from robustattr.errors import ConfigError
 from robustattr.regularizers.base import ObjectiveTerm, frozen_norm_stats
 
 
-class AdversarialCE(ObjectiveTerm):
+class _Crafted(ObjectiveTerm):
+    """A term that trains on inputs it crafts in `prepare` (called by the training step before its forwards);
+    called directly (a notebook, a test), it crafts them then."""
+
+    _x_adv: torch.Tensor | None = None
+
+    def _take_prepared(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self._x_adv is None or self._x_adv.shape != x.shape:
+            self.prepare(model, x, y)
+        return self._x_adv
+
+
+class AdversarialCE(_Crafted):
     """PGD adversarial training (Madry et al. 2018): the cross-entropy on ``attack(model, x, y)``.
 
-    The default attack is PGD with 10 steps of 2/255 at 8/255 from a fresh random start each step. The fast
-    variant (Wong et al. 2020) is ``attack: PGD(steps=1, step_size=1.25 * eps, random_start=True)``. Madry's
-    objective is ``ce_weight: 0`` with this term at weight 1."""
+    The default attack is PGD with 10 steps of 2/255 at 8/255 from a fresh random start each step (attacks draw
+    fresh randomness by default). The fast variant (Wong et al. 2020) is ``attack: PGD(steps=1, step_size=1.25 *
+    eps, random_start=True)``. Madry's objective is ``ce_weight: 0`` with this term at weight 1: the training
+    step then runs no clean forward (nothing would use it), and BatchNorm learns its statistics from the
+    adversarial batches, as in the authors' code. ``training_logits`` holds the last adversarial logits, logged
+    as ``train/<name>/acc`` (robust training accuracy)."""
 
     default_name = "pgd_at"
 
@@ -30,17 +50,24 @@ class AdversarialCE(ObjectiveTerm):
         self, weight: float = 1.0, name: str | None = None, warmup_epochs: float = 0.0, attack: PGD | None = None
     ):
         super().__init__(weight, name, warmup_epochs)
-        self.attack = attack if attack is not None else PGD(LinfBall(8 / 255), steps=10, seed=None)
+        self.attack = attack if attack is not None else PGD(LinfBall(8 / 255), steps=10)
+
+    def prepare(self, model, x, y):
+        self._x_adv = self.attack(model, x.detach(), y)
 
     def forward(self, model, x, y, logits=None):
-        x_adv = self.attack(model, x.detach(), y)
-        with frozen_norm_stats(model):
-            return F.cross_entropy(model(x_adv), y)
+        x_adv, self._x_adv = self._take_prepared(model, x, y), None
+        logits_adv = model(x_adv)  # the network's own mode: in training, BatchNorm learns from this batch
+        self.training_logits = logits_adv.detach()
+        return F.cross_entropy(logits_adv, y)
 
 
-class TRADES(ObjectiveTerm):
-    """TRADES (Zhang et al. 2019): ``KL(f(x) || f(x'))`` with x' maximising it in the ball (PGD from
-    ``x + 0.001 N(0, 1)``); with the clean CE this is ``CE(x) + beta * KL``, beta = ``weight`` = 6."""
+class TRADES(_Crafted):
+    """TRADES (Zhang et al. 2019): ``KL(f(x) || f(x'))`` with x' maximising it in the ball, as the authors' code
+    computes it: x' by PGD from ``x + 0.001 N(0, 1)`` against the clean probabilities of the network in eval
+    mode, before the step's training-mode forwards; the loss then compares the training-mode outputs on x (the
+    training step's own forward, with gradient) and on x' (which updates BatchNorm statistics, as theirs does).
+    With the clean CE this is ``CE(x) + beta * KL``, beta = ``weight`` = 6."""
 
     uses_clean_forward = True
 
@@ -55,28 +82,31 @@ class TRADES(ObjectiveTerm):
         init_sigma: float = 0.001,
     ):
         super().__init__(weight, name, warmup_epochs)
+        if steps < 1:
+            raise ConfigError(f"TRADES: steps must be at least 1, got {steps}")
         self.threat = threat if threat is not None else LinfBall(8 / 255)
         self.steps = steps
         self.step_size = step_size if step_size is not None else 2.5 * self.threat.eps / steps
         self.init_sigma = init_sigma
 
-    def forward(self, model, x, y, logits=None):
-        if logits is None:
-            with frozen_norm_stats(model):
-                logits = model(x)
-        p_clean = logits.softmax(dim=1)
+    def prepare(self, model, x, y):
         x0 = x.detach()
-        with gradient_context(model):
-            target = p_clean.detach()
-            start = (x0 + self.init_sigma * torch.randn_like(x0)).clamp(0, 1)
+        with gradient_context(model):  # eval mode, as the authors' code crafts x'
+            with torch.no_grad():
+                target = model(x0).softmax(dim=1)
+            start = x0 + self.init_sigma * torch.randn_like(x0)  # not clamped, as theirs
 
             def kl(x_adv: torch.Tensor) -> torch.Tensor:
                 return F.kl_div(model(x_adv).log_softmax(dim=1), target, reduction="sum")
 
-            x_adv = projected_ascent(kl, x0, self.threat, self.steps, self.step_size, start)
-        with frozen_norm_stats(model):
-            log_q = model(x_adv).log_softmax(dim=1)
-        return F.kl_div(log_q, p_clean, reduction="batchmean")
+            self._x_adv = projected_ascent(kl, x0, self.threat, self.steps, self.step_size, start)
+
+    def forward(self, model, x, y, logits=None):
+        x_adv, self._x_adv = self._take_prepared(model, x, y), None
+        if logits is None:
+            logits = model(x)
+        log_q = model(x_adv).log_softmax(dim=1)  # training mode: BatchNorm statistics see x' too
+        return F.kl_div(log_q, logits.softmax(dim=1), reduction="batchmean")
 
 
 def integrated_loss_gradients(

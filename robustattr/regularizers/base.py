@@ -68,6 +68,9 @@ class ObjectiveTerm(nn.Module):
     uses_clean_forward = False  # wants the training step's logits on x (x then requires grad)
     ramps_weight = True
     default_name: str | None = None
+    # A term that trains the network on inputs of its own (adversarial training) leaves the detached logits of
+    # its last training-mode forward here; RobustClassifier logs their accuracy as train/<name>/acc.
+    training_logits: torch.Tensor | None = None
 
     def __init__(self, weight: float = 1.0, name: str | None = None, warmup_epochs: float = 0.0) -> None:
         super().__init__()
@@ -88,6 +91,11 @@ class ObjectiveTerm(nn.Module):
     @property
     def current_weight(self) -> float:
         return self.weight * (self.ramp if self.ramps_weight else 1.0)
+
+    def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Called by the training step before any of its forward passes: adversarial objectives craft their
+        inputs here, against the network as it is at the start of the step (the authors' order: attack, then
+        train), before this step's training-mode forwards move the BatchNorm statistics."""
 
     def piecewise_linear_note(self) -> str:
         """What the term measures on a ReLU network (whose logits have zero input curvature)."""
