@@ -24,6 +24,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
+from rich.markup import escape
 
 from robustattr.errors import ConfigError, RobustAttrError, exit_with_error, find_user_error
 from robustattr.files import AtomicCheckpointIO
@@ -162,11 +163,11 @@ def _finish_wandb(trainer: pl.Trainer) -> None:
 
 @rank_zero_only
 def _print_summary(trainer: pl.Trainer, summary: dict[str, Any]) -> None:
-    test = summary["test"]
+    test = summary["test"]  # soft_wrap: a long path stays on its line, whatever the terminal's width
     if "test/acc" in test:
-        console.print(f"[bold]test accuracy[/bold] {test['test/acc']:.4f}")
-    console.print(f"[bold]checkpoint[/bold]    {summary['checkpoint'] or '(none saved)'}")
-    console.print(f"[bold]run dir[/bold]       {summary['run_dir']}")
+        console.print(f"[bold]test accuracy[/bold] {test['test/acc']:.4f}", soft_wrap=True)
+    console.print(f"[bold]checkpoint[/bold]    {escape(summary['checkpoint'] or '(none saved)')}", soft_wrap=True)
+    console.print(f"[bold]run dir[/bold]       {escape(summary['run_dir'])}", soft_wrap=True)
 
 
 def user_error(err: BaseException) -> RobustAttrError | None:
@@ -176,10 +177,13 @@ def user_error(err: BaseException) -> RobustAttrError | None:
     if found is not None:
         return found
     import wandb.errors
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
+        if isinstance(err, MisconfigurationException):  # Lightning's word for settings that contradict each other
+            return ConfigError(" ".join(str(err).split()))
         if isinstance(err, wandb.errors.Error):
             return ConfigError(
                 f"W&B: {' '.join(str(err).split())} Log in once with `wandb login` (or set WANDB_API_KEY), or keep "

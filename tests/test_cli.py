@@ -240,3 +240,19 @@ def test_every_package_directory_is_listed_in_pyproject():
     found = {"robustattr." + p.parent.relative_to(ROOT / "robustattr").as_posix().replace("/", ".")
              for p in (ROOT / "robustattr").glob("*/__init__.py")} | {"robustattr", "robustattr.callbacks"}  # fmt: skip
     assert found == listed
+
+
+@pytest.mark.slow
+def test_the_printed_summary_keeps_each_path_on_its_line(tmp_path):
+    """Scripts read the checkpoint path from the output: off a terminal, rich used to wrap it at 80 columns."""
+    deep = tmp_path / ("a-long-folder-name-" * 4) / "runs"
+    proc = _train_py("--config", "configs/quickstart.yaml", "--trainer.max_epochs", "1", "--trainer.logger", "false",
+                     "--trainer.default_root_dir", str(deep), "--trainer.callbacks", json.dumps(
+                         [{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint"}]))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = {
+        line.split()[0]: line.split(maxsplit=1)[1]
+        for line in proc.stdout.splitlines()
+        if line.startswith(("checkpoint", "run dir"))
+    }
+    assert Path(lines["checkpoint"]).is_file() and lines["checkpoint"].startswith(str(deep))

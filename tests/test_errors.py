@@ -58,6 +58,12 @@ def test_bad_callback_settings_end_in_one_line(capsys, tmp_path, case):
     assert expected in line, line
 
 
+def test_contradicting_lightning_settings_end_in_one_line(capsys, tmp_path):
+    line = _one_line(capsys, train, "--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.logger", "false",
+                     "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false")  # fmt: skip
+    assert "enable_progress_bar=False" in line and "RichProgressBar" in line
+
+
 def test_an_unwritable_run_directory_ends_in_one_line(capsys, tmp_path):
     blocked = tmp_path / "file"
     blocked.write_text("a file where a folder should go")
