@@ -4,8 +4,16 @@ with image panels to W&B."""
 
 from robustattr.callbacks.adversarial import AdversarialValidation
 from robustattr.callbacks.base import AttackCallback
+from robustattr.callbacks.checkpoint import LastCheckpoint
 from robustattr.callbacks.curvature import CurvatureMonitor
 from robustattr.callbacks.fragility import FragilityValidation
 from robustattr.callbacks.panels import AttributionPanels
 
-__all__ = ["AdversarialValidation", "AttackCallback", "AttributionPanels", "CurvatureMonitor", "FragilityValidation"]
+__all__ = [
+    "AdversarialValidation",
+    "AttackCallback",
+    "AttributionPanels",
+    "CurvatureMonitor",
+    "FragilityValidation",
+    "LastCheckpoint",
+]

@@ -5,6 +5,8 @@
 - The subset is cut into fixed chunks of ``batch_size`` samples; chunk c is attacked with seed ``seed + c``
   and whole chunks are dealt to the DDP processes in turn, so every sample gets the same random start
   whatever the number of processes, and the synced metrics equal a single process's.
+- Under DDP every process measures with rank 0's BatchNorm statistics (`rank_zero_buffers`): the network a
+  checkpoint saves, so two processes give one process's numbers on that checkpoint.
 - Work runs under `gradient_context`: gradients on even inside ``trainer.validate`` / ``trainer.test``
   (inference mode), modules in eval mode (BatchNorm statistics frozen), parameters frozen (their ``.grad``
   untouched), everything restored afterwards. The model is reached only through its public forward.
@@ -17,9 +19,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 from torchmetrics import Metric
@@ -27,6 +31,28 @@ from torchmetrics import Metric
 from robustattr.attacks.base import gradient_context
 from robustattr.data.base import seeded_subset
 from robustattr.errors import ConfigError
+
+
+@contextmanager
+def rank_zero_buffers(module: torch.nn.Module) -> Iterator[None]:
+    """Under DDP, the processes' BatchNorm running statistics differ after training steps (each process updates
+    them with its own batch; DDP broadcasts rank 0's only at the start of the next training forward). Inside,
+    every process uses rank 0's buffers, the ones a checkpoint saves, so each chunk is measured on the network
+    that will be saved and audited; each process's own buffers are put back afterwards."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        yield
+        return
+    buffers = [b for b in module.buffers() if b.numel()]
+    saved = [b.clone() for b in buffers]
+    with torch.no_grad():
+        for buffer in buffers:
+            dist.broadcast(buffer, src=0)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved, strict=True):
+                buffer.copy_(value)
 
 
 def eval_dataset(trainer: pl.Trainer, stage: str) -> torch.utils.data.Dataset:
@@ -104,7 +130,7 @@ class AttackCallback(pl.Callback):
             metric.to(pl_module.device)
             metric.reset()
         x_all, y_all = self.subset(trainer, stage)
-        with gradient_context(pl_module):
+        with gradient_context(pl_module), rank_zero_buffers(pl_module):
             for c, part in self.chunks(len(x_all), trainer.global_rank, trainer.world_size):
                 x = x_all[part].to(pl_module.device).clone()  # fresh tensors, whatever the caller's mode
                 y = y_all[part].to(pl_module.device).clone()

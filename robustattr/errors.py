@@ -57,11 +57,17 @@ def one_line(err: BaseException) -> str:
     return " ".join(text.split())
 
 
-def _global_rank() -> int:
-    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):  # what Lightning's launchers and torchrun set
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
+def _rank_and_world() -> tuple[int, int]:
+    """This process's global rank and the number of processes: from torch.distributed once a process group
+    exists, else from the launcher's environment (torchrun, SLURM, Lightning's launcher)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    names = ("RANK", "SLURM_PROCID", "LOCAL_RANK")
+    rank = next((int(os.environ[n]) for n in names if os.environ.get(n, "").isdigit()), 0)
+    world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE", "").isdigit() else 1
+    return rank, world
 
 
 def exit_with_error(err: BaseException, status: int = 1) -> NoReturn:
@@ -71,8 +77,7 @@ def exit_with_error(err: BaseException, status: int = 1) -> NoReturn:
     from rich.console import Console
     from rich.markup import escape
 
-    world = int(os.environ["WORLD_SIZE"]) if os.environ.get("WORLD_SIZE", "").isdigit() else 1
-    rank = _global_rank()
+    rank, world = _rank_and_world()
     if not (getattr(err, "collective", False) and rank != 0):
         where = f" (rank {rank})" if world > 1 and not getattr(err, "collective", False) else ""
         Console(stderr=True, highlight=False).print(

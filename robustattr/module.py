@@ -51,7 +51,7 @@ class RobustClassifier(pl.LightningModule):
         nonfinite: what a NaN or infinite training loss does. ``"raise"`` stops training with an error naming the
             first such step and which parts (the cross-entropy, a term) were not finite. The check costs no host
             synchronisation per step: each step records its finiteness on the device, and the record is read every
-            ``nonfinite_check_every`` steps, at the end of each epoch and before validation (so no checkpoint is
+            ``nonfinite_check_every`` steps, at the last step of each epoch and before validation (so no checkpoint is
             saved from a diverged run). ``"skip"`` decides every step (one host sync and, under DDP, one small
             all-gather, so that every process skips together) and skips the update, BatchNorm statistics
             included, with a warning; after ``max_consecutive_skips`` skips in a row it stops as ``"raise"`` does.
@@ -191,7 +191,7 @@ class RobustClassifier(pl.LightningModule):
                 return loss  # backward runs on every process (DDP needs it); optimizer_step skips the update
         else:
             self._record(finite, list(values))
-            if (batch_idx + 1) % self.nonfinite_check_every == 0:
+            if self._check_due(batch_idx):
                 self.check_finite_training()
         self.log("train/loss", loss.detach(), prog_bar=True)
         if logits is not None:
@@ -287,15 +287,21 @@ class RobustClassifier(pl.LightningModule):
         optimizer.step()
         return None
 
-    def on_train_epoch_end(self) -> None:
-        self.check_finite_training()
-
-    def on_validation_epoch_start(self) -> None:
-        if self._trainer is not None and self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
-            self.check_finite_training()  # before validation metrics and checkpoints of a diverged run
-
-    def on_train_end(self) -> None:
-        self.check_finite_training()
+    def _check_due(self, batch_idx: int) -> bool:
+        """Whether this step reads the record: every ``nonfinite_check_every`` steps, at the last step of an epoch,
+        before a validation (so no validation metric or checkpoint comes from a diverged run) and at the last step
+        of training. The read is a collective, so it happens here, where all processes are in step; not in epoch
+        hooks, where rank-0-only callbacks (progress bars) already synchronise metrics, in another order."""
+        if (batch_idx + 1) % self.nonfinite_check_every == 0 or self._trainer is None:
+            return True
+        trainer = self.trainer
+        batches = trainer.num_training_batches
+        if isinstance(batches, int | float) and batches != float("inf") and batch_idx + 1 >= batches:
+            return True
+        every = trainer.val_check_batch
+        if isinstance(every, int | float) and every != float("inf") and every > 0 and (batch_idx + 1) % int(every) == 0:
+            return True
+        return 0 < trainer.max_steps <= self.global_step + 1
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Never write a checkpoint with NaN or infinite weights."""

@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 CONFIG_KEY = "robustattr_config"  # a train.py checkpoint's resolved config (model, data, trainer, seed)
+RUN_KEY = "robustattr_run"  # where its run lives: {"run_dir": ..., "logger": class name, "version": id}
 
 
 def run_dir(trainer: pl.Trainer) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 
 import torch
 from torch import nn
@@ -29,8 +30,19 @@ class SecondOrderZeroError(RobustAttrError):
 
 def shared_weight_copy(model: nn.Module) -> nn.Module:
     """A structural copy of ``model`` whose parameters and buffers are the original's own tensors: replacing a
-    submodule of the copy leaves the original untouched, and no weight is duplicated."""
+    submodule of the copy leaves the original untouched, and no weight is duplicated.
+
+    Methods stored on the instance and bound to the original (Lightning's DDP strategy leaves
+    ``module.forward`` as such an attribute after redirecting a training or validation step through the DDP
+    wrapper) are rebound to the copy: a plain shallow copy would keep calling the original's forward, so a
+    surrogate would silently run the original network. Hook dictionaries are copied too, so hooks added to
+    either do not reach the other."""
     clone = copy.copy(model)
+    for key, value in vars(model).items():
+        if isinstance(value, types.MethodType) and value.__self__ is model:
+            clone.__dict__[key] = types.MethodType(value.__func__, clone)
+        elif key.endswith("hooks") or "_hooks_" in key:
+            clone.__dict__[key] = copy.copy(value)
     clone._parameters = dict(model._parameters)
     clone._buffers = dict(model._buffers)
     clone._modules = {
