@@ -147,6 +147,9 @@ class RobustClassifier(pl.LightningModule):
                 f"precision {precision!r} (fp16 autocast) with the second-order term(s) {second_order}: fp16 "
                 "makes double backward produce NaNs. Use --trainer.precision bf16-mixed or 32-true"
             )
+        problems = [problem for term in self.terms if (problem := term.precision_problem(precision, self.net))]
+        if problems:
+            raise ConfigError("; ".join(problems))
         if is_piecewise_linear(self.net):
             for term in self.terms:
                 if term.curvature:

@@ -64,12 +64,17 @@ def test_every_config_opens_with_a_comment_on_purpose_and_cost():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("precision", ["config", "bf16-true"])
 @pytest.mark.parametrize("config_path", CONFIGS, ids=lambda p: p.stem)
-def test_every_config_parses_instantiates_and_takes_a_training_step(config_path, tmp_path):
-    """Real datasets are replaced by the embedded digits (3x32x32) when they are not on disk."""
+def test_every_config_parses_instantiates_and_takes_a_training_step(config_path, tmp_path, precision):
+    """Real datasets are replaced by the embedded digits (3x32x32) when they are not on disk. In bf16-true (weights,
+    activations and the batch in bf16) the first step flushes dtype bugs that fp32 runs hide (GPU configs run
+    bf16-mixed; CPU autocast does not apply CUDA's rules, tests/test_precision.py emulates them)."""
     args = (
         _cpu_args(config_path, tmp_path) + QUIET + ["--trainer.fast_dev_run", "1", "--data.init_args.batch_size", "4"]
     )
+    if precision != "config":
+        args += ["--trainer.precision", precision]
     cli = RobustCLI(args=args)
     assert isinstance(cli.model, RobustClassifier)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

@@ -45,9 +45,16 @@ def gradient_context(model: nn.Module) -> Iterator[None]:
 
 
 def prepare(model: nn.Module, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """Fresh copies on the model's device: normal tensors even when the inputs are inference tensors."""
+    """Fresh copies on the model's device: normal tensors even when the inputs are inference tensors, and in fp32
+    when they come in a 16-bit type (bf16 has no room for an 8/255 step near 1: iterates, projections and steps
+    stay in fp32, the network casts its input to its own dtype)."""
     device = model_device(model)
-    return [None if t is None else t.detach().to(device).clone() for t in tensors]
+
+    def fresh(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().to(device)
+        return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t.clone()
+
+    return [None if t is None else fresh(t) for t in tensors]
 
 
 def choose_target(

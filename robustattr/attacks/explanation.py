@@ -149,7 +149,7 @@ class ExplanationAttack:
         Cost per step: the attack gradient (a double backward through the attribution) plus judging the new
         iterate on the original network. Without a surrogate (a smooth network) both come from one pass: the
         attribution computed at x_t for the step also judges x_t."""
-        input_device = x.device
+        input_device, input_dtype = x.device, x.dtype
         with gradient_context(model):
             (x,) = prepare(model, x)
             generator = generator_for(x.device, self.seed)
@@ -201,7 +201,7 @@ class ExplanationAttack:
                     x_adv = self.threat.project(x_adv.detach() + self.update(grad, ctx, generator), x)
         nan = torch.full_like(best_score, float("nan"))
         return ExplanationAttackResult(
-            x_adv=best_x.detach().to(input_device),
+            x_adv=best_x.detach().to(device=input_device, dtype=input_dtype),
             kept=kept.to(input_device),
             score=torch.where(kept, best_score, nan).to(input_device),
             target=target.to(input_device),

@@ -85,7 +85,7 @@ class PGD:
     def __call__(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
     ) -> torch.Tensor:
-        input_device = x.device
+        input_device, input_dtype = x.device, x.dtype
         with gradient_context(model):
             x, y, target = prepare(model, x, y, target)
             generator = generator_for(x.device, self.seed)
@@ -107,7 +107,7 @@ class PGD:
                 best = torch.where(better.view(-1, *[1] * (x.dim() - 1)), x_adv, best)
                 best_loss = torch.where(better, loss, best_loss)
                 best_success = best_success | success
-        return best.detach().to(input_device)
+        return best.detach().to(device=input_device, dtype=input_dtype)
 
     def _success(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         pred = logits.argmax(dim=1)

@@ -104,7 +104,7 @@ class LBFGS:
     def run(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
     ) -> LBFGSResult:
-        input_device = x.device
+        input_device, input_dtype = x.device, x.dtype
         with gradient_context(model):
             x, y, target = prepare(model, x, y, target)
             if target is None:
@@ -131,7 +131,7 @@ class LBFGS:
                 c = torch.where(hi.isinf(), lo * 10, torch.where(lo == 0, hi / 10, (lo * hi).sqrt()))
         found = best_dist.isfinite()
         return LBFGSResult(
-            x_adv=best.detach().to(input_device),
+            x_adv=best.detach().to(device=input_device, dtype=input_dtype),
             success=found.to(input_device),
             distortion=torch.where(found, best_dist, torch.full_like(best_dist, float("nan"))).to(input_device),
             c=best_c.to(input_device),

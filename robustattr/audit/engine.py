@@ -81,6 +81,7 @@ def run_audit(
     net: dict[str, Any] | None = None,
     trusted_prefixes: list[str] | None = None,
     device: str = "cpu",
+    dtype: Literal["float32", "bfloat16"] = "float32",
     html: bool = True,
     wandb: bool = False,
     config: dict[str, Any] | None = None,
@@ -88,7 +89,9 @@ def run_audit(
     """Audit ``checkpoints`` with ``sections``; returns the report (also written to ``out/report.json``).
 
     ``trusted_prefixes``: packages besides robustattr, torch.nn, torch.optim and torchvision.transforms that a
-    checkpoint's stored config (or ``net``/``data`` here) may name, e.g. ``[mylab.models]`` for your own nets."""
+    checkpoint's stored config (or ``net``/``data`` here) may name, e.g. ``[mylab.models]`` for your own nets.
+    ``dtype``: the networks' precision (``bfloat16`` halves memory and time on GPUs that have it; attacks keep
+    their iterates in fp32 and metrics are computed in fp32 either way)."""
     if not checkpoints:
         raise ConfigError("no checkpoint to audit: pass --checkpoint A.ckpt [B.ckpt ...]")
     if num_samples < 1 or batch_size < 1:
@@ -110,7 +113,7 @@ def run_audit(
     )
     torch_device = torch.device(device)
     for m in models:
-        m.model.to(torch_device)
+        m.model.to(device=torch_device, dtype=getattr(torch, dtype))
     out_dir = Path(out)
     cache = ResultCache(out_dir / "cache")
     common = {
@@ -118,6 +121,7 @@ def run_audit(
                  "seed": seed, "subset": data_fingerprint(audit_data.x, audit_data.y)},
         "code": code_version(),
         "device": str(torch_device),
+        "dtype": dtype,
     }  # fmt: skip
     results: dict[str, Any] = {}
     timings: dict[str, dict[str, Any]] = {}

@@ -515,7 +515,7 @@ class SemanticDirections(Section):
         features = []
 
         def hook(mod, inputs, output):
-            features.append((inputs[0] if use_input else output).detach().flatten(1).cpu())
+            features.append((inputs[0] if use_input else output).detach().flatten(1).float().cpu())
 
         handle = module.register_forward_hook(hook)
         try:

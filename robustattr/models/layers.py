@@ -32,7 +32,12 @@ class Normalize(nn.Module):
         self.register_buffer("std", std_t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
+        """Computed in at least fp32, returned in the network's own dtype (its buffers'): a network converted to
+        bf16 (``bf16-true``) takes fp32 images, so attacks keep their iterates in fp32, where an epsilon of
+        8/255 is resolved, and gradients flow back to them in fp32."""
+        compute = torch.promote_types(x.dtype, torch.float32)
+        out = (x.to(compute) - self.mean.to(compute)) / self.std.to(compute)
+        return out.to(self.mean.dtype)
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"

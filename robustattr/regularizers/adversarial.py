@@ -20,6 +20,7 @@ from robustattr.attacks.gradient import PGD, projected_ascent
 from robustattr.attacks.threat import LinfBall
 from robustattr.errors import ConfigError
 from robustattr.regularizers.base import ObjectiveTerm, frozen_norm_stats
+from robustattr.regularizers.derivatives import at_least_fp32
 
 
 class _Crafted(ObjectiveTerm):
@@ -90,7 +91,7 @@ class TRADES(_Crafted):
         self.init_sigma = init_sigma
 
     def prepare(self, model, x, y):
-        x0 = x.detach()
+        x0 = at_least_fp32(x.detach())  # iterates in fp32 even under bf16-true
         with gradient_context(model):  # eval mode, as the authors' code crafts x'
             with torch.no_grad():
                 target = model(x0).softmax(dim=1)
@@ -163,7 +164,7 @@ class IGNorm(ObjectiveTerm):
         return F.cross_entropy(model(x_adv), y, reduction="none") + self.beta * ig
 
     def forward(self, model, x, y, logits=None):
-        x0 = x.detach()
+        x0 = at_least_fp32(x.detach())  # iterates in fp32 even under bf16-true
         with gradient_context(model):
             start = self.threat.random_start(x0)  # at x' = x the IG is zero, and so is its gradient
             x_adv = projected_ascent(

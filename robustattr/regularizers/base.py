@@ -97,6 +97,10 @@ class ObjectiveTerm(nn.Module):
         inputs here, against the network as it is at the start of the step (the authors' order: attack, then
         train), before this step's training-mode forwards move the BatchNorm statistics."""
 
+    def precision_problem(self, precision: str, model: nn.Module) -> str | None:
+        """Why this term cannot train in ``precision`` (a Lightning precision string), if it cannot."""
+        return None
+
     def piecewise_linear_note(self) -> str:
         """What the term measures on a ReLU network (whose logits have zero input curvature)."""
         return ""
@@ -111,7 +115,17 @@ class ObjectiveTerm(nn.Module):
 
 
 def per_sample_sq_norm(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1).pow(2).sum(dim=1)
+    """Squared L2 norm of each sample, summed in at least fp32 (a bf16 sum over 3072 or 150528 entries is not)."""
+    return t.reshape(t.shape[0], -1).to(torch.promote_types(t.dtype, torch.float32)).pow(2).sum(dim=1)
+
+
+@contextmanager
+def full_precision(device: torch.device) -> Iterator[None]:
+    """Autocast off: inside, the network runs in its own (fp32, under bf16-mixed) precision. For the linear
+    algebra and the finite differences of gradients that bf16 cannot carry (REFERENCE.md section 8): CUDA's
+    autocast, unlike the CPU's, runs matmuls in bf16 and casts nothing back before eigh."""
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
 
 
 def loss_input_gradient(

@@ -14,12 +14,20 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32 when it is a 16-bit float, unchanged otherwise (fp64 stays fp64)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 HVPMode = Literal["reverse", "forward", "finite_difference"]
 
 
 def per_sample_norm(v: torch.Tensor) -> torch.Tensor:
-    """The L2 norm of each sample, shaped to broadcast against ``v`` (N, 1, 1, 1), never below 1e-30."""
-    return v.reshape(v.shape[0], -1).norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (v.dim() - 1))
+    """The L2 norm of each sample in at least fp32, shaped to broadcast against ``v`` (N, 1, 1, 1), never below
+    1e-30."""
+    flat = v.reshape(v.shape[0], -1).to(torch.promote_types(v.dtype, torch.float32))
+    return flat.norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (v.dim() - 1))
 
 
 def top_hessian_eigenvalue(
@@ -70,12 +78,13 @@ def loss_hvp(
             x = x if x.requires_grad else x.detach().requires_grad_(True)
             (grad,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x, create_graph=True)
         norm = per_sample_norm(v)
-        x1 = (x.detach() + fd_step * v / norm).requires_grad_(True)
+        x1 = (at_least_fp32(x.detach()) + fd_step * v / norm).to(x.dtype).requires_grad_(True)
         (g1,) = torch.autograd.grad(F.cross_entropy(model(x1), y, reduction="sum"), x1, create_graph=create_graph)
-        return (g1 - grad) * norm / fd_step
+        return (at_least_fp32(g1) - at_least_fp32(grad)) * norm / fd_step  # formed in (at least) fp32
     if create_graph:
         raise ValueError("forward-over-reverse Hessian-vector products cannot be differentiated again here")
-    with fwAD.dual_level():
+    # forward-mode AD does not follow autocast (it casts the primal, not the tangent): the network's own precision
+    with fwAD.dual_level(), torch.autocast(device_type=x.device.type, enabled=False):
         x_in = x.detach().requires_grad_(True) if not x.requires_grad else x
         dual = fwAD.make_dual(x_in, v)
         loss = F.cross_entropy(model(dual), y, reduction="sum")

@@ -6,6 +6,7 @@ forward when it is handed to them (``uses_clean_forward``), so a penalty adds ba
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Literal
 
 import torch
@@ -16,10 +17,11 @@ from robustattr.errors import ConfigError
 from robustattr.regularizers.base import (
     ObjectiveTerm,
     frozen_norm_stats,
+    full_precision,
     loss_input_gradient,
     per_sample_sq_norm,
 )
-from robustattr.regularizers.derivatives import logit_jvp, logit_vjp, loss_hvp, per_sample_norm
+from robustattr.regularizers.derivatives import at_least_fp32, logit_jvp, logit_vjp, loss_hvp, per_sample_norm
 
 _RELU_NOTE = (
     "the network's logits have zero input curvature almost everywhere, so the input Hessian of the loss is "
@@ -61,14 +63,18 @@ class CURE(ObjectiveTerm):
         return f"{_RELU_NOTE}; CURE's finite difference also sees the change of linear region between x and x + h z"
 
     def forward(self, model, x, y, logits=None):
-        x, _, g0 = loss_input_gradient(model, x, y, logits)
-        z = g0.detach().sign()
-        z = z / per_sample_norm(z)
-        x1 = (x.detach() + self.h * self.ramp * z).requires_grad_(True)
-        with frozen_norm_stats(model):
-            ce1 = F.cross_entropy(model(x1), y, reduction="sum")
-        (g1,) = torch.autograd.grad(ce1, x1, create_graph=True)
-        return per_sample_sq_norm(g1 - g0).mean()
+        # A finite difference of gradients: under autocast both gradients are taken in fp32 (the training step's
+        # bf16 forward cannot be reused), and the difference is formed in fp32.
+        autocast = torch.is_autocast_enabled(x.device.type)
+        with full_precision(x.device) if autocast else nullcontext():
+            x, _, g0 = loss_input_gradient(model, x, y, None if autocast else logits)
+            z = at_least_fp32(g0.detach().sign())
+            z = z / per_sample_norm(z)
+            x1 = (at_least_fp32(x.detach()) + self.h * self.ramp * z).to(x.dtype).requires_grad_(True)
+            with frozen_norm_stats(model):
+                ce1 = F.cross_entropy(model(x1), y, reduction="sum")
+            (g1,) = torch.autograd.grad(ce1, x1, create_graph=True)
+            return per_sample_sq_norm(at_least_fp32(g1) - at_least_fp32(g0)).mean()
 
 
 def _softmax_factor(p: torch.Tensor) -> torch.Tensor:
@@ -129,24 +135,30 @@ class SSR(ObjectiveTerm):
             eye = torch.eye(c, device=x.device, dtype=logits.dtype).unsqueeze(1).expand(c, n, c)
             (jac,) = torch.autograd.grad(logits, x, grad_outputs=eye, is_grads_batched=True, retain_graph=True)
             jac = self._reduce(jac.reshape(c * n, *x.shape[1:])).reshape(c, n, -1).transpose(0, 1)  # (N, C, d)
-            gram = jac @ jac.transpose(1, 2)
-            # eigh raises on NaN input: a diverged batch gets a zero matrix here, its penalty still comes out NaN
-            # (it is built from the same logits), and the training step's non-finite check names it.
-            matrix = torch.nan_to_num(L.transpose(1, 2) @ gram @ L, nan=0.0, posinf=0.0, neginf=0.0)
-            values, vectors = torch.linalg.eigh(matrix)
+            with full_precision(x.device):  # the C x C eigenproblem in fp32, whatever the network runs in
+                jac = at_least_fp32(jac)
+                gram = jac @ jac.transpose(1, 2)
+                # eigh raises on NaN input: a diverged batch gets a zero matrix here, its penalty still comes out
+                # NaN (it is built from the same logits), and the training step's non-finite check names it.
+                matrix = torch.nan_to_num(L.transpose(1, 2) @ gram @ L, nan=0.0, posinf=0.0, neginf=0.0)
+                values, vectors = torch.linalg.eigh(matrix)
             return vectors[..., -1], values[..., -1]
-        u = torch.randn(n, c, device=x.device, dtype=logits.dtype)
+        u = torch.randn(n, c, device=x.device, dtype=L.dtype)
         u = u / u.norm(dim=1, keepdim=True)
         for _ in range(self.power_iters):
-            w = (L @ u.unsqueeze(2)).squeeze(2)
-            jt_w = logit_vjp(logits, x, w)
+            with full_precision(x.device):
+                w = (L @ u.unsqueeze(2)).squeeze(2)
+            jt_w = logit_vjp(logits, x, w.to(logits.dtype))
             if self.channel_mean and jt_w.dim() == 4:
                 jt_w = jt_w.mean(dim=1, keepdim=True).expand_as(jt_w) / jt_w.shape[1]
-            with frozen_norm_stats(model):
+            # forward-mode AD does not follow autocast (it casts the primal, not the tangent): graph-free, so in
+            # the network's own precision
+            with frozen_norm_stats(model), full_precision(x.device):
                 _, j_v = logit_jvp(model, x, jt_w)
-            s_u = (L.transpose(1, 2) @ j_v.unsqueeze(2)).squeeze(2)
-            value = (u * s_u).sum(dim=1)
-            u = s_u / s_u.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            with full_precision(x.device):  # the iteration's products and normalisation in fp32
+                s_u = (L.transpose(1, 2) @ at_least_fp32(j_v).unsqueeze(2)).squeeze(2)
+                value = (u * s_u).sum(dim=1)
+                u = s_u / s_u.norm(dim=1, keepdim=True).clamp_min(1e-30)
         return u, value
 
     def forward(self, model, x, y, logits=None):
@@ -154,12 +166,12 @@ class SSR(ObjectiveTerm):
             x = x.detach().requires_grad_(True)
             with frozen_norm_stats(model):
                 logits = model(x)
-        p = logits.softmax(dim=1)
-        L = _softmax_factor(p)
+        p = at_least_fp32(logits).softmax(dim=1)
+        L = _softmax_factor(p)  # fp32: the softmax curvature factor stays out of bf16
         u, _ = self.top_eigenvector(model, x, logits, L.detach())
         w = (L @ u.detach().unsqueeze(2)).squeeze(2)
-        jt_w = logit_vjp(logits, x, w, create_graph=True)
-        return self._reduce(jt_w).pow(2).sum(dim=1).mean()
+        jt_w = logit_vjp(logits, x, w.to(logits.dtype), create_graph=True)
+        return per_sample_sq_norm(self._reduce(jt_w)).mean()
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -209,7 +221,22 @@ class HessianNorm(ObjectiveTerm):
             "or a smooth activation there"
         )
 
+    def uses_finite_differences(self, model: nn.Module) -> bool:
+        return has_batchnorm(model) or self.hvp == "finite_difference"
+
+    def precision_problem(self, precision: str, model: nn.Module) -> str | None:
+        if precision in ("bf16-true", "16-true") and self.uses_finite_differences(model):
+            return (
+                f"{self.name} takes finite differences of input gradients (step {self.fd_step}), which {precision} "
+                "weights cannot resolve (bf16 keeps 3 significant digits); use bf16-mixed (the differences are "
+                "then taken in fp32) or 32-true"
+            )
+        return None
+
     def forward(self, model, x, y, logits=None):
+        if torch.is_autocast_enabled(x.device.type) and self.uses_finite_differences(model):
+            with full_precision(x.device):  # both gradients in fp32: their difference is the signal
+                return self.forward(model, x.detach(), y)
         batchnorm = has_batchnorm(model)
         graph_mode = "finite_difference" if batchnorm or self.hvp == "finite_difference" else "reverse"
         if self.hvp == "reverse" and batchnorm:
