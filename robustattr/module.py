@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torchmetrics.classification import MulticlassAccuracy
 
+from robustattr.data.stats import check_net_fits_data
 from robustattr.errors import ConfigError, NonFiniteError
 from robustattr.models.activations import is_piecewise_linear
 from robustattr.models.weights import load_weights
@@ -137,6 +138,10 @@ class RobustClassifier(pl.LightningModule):
                 f"the model predicts {self.num_classes} classes but {type(datamodule).__name__} has "
                 f"{data_classes}: set num_classes of the net to {data_classes}"
             )
+        if hasattr(datamodule, "sample_images"):  # channels and normalisation against a sample of the data
+            split = "val" if stage in ("fit", "validate") else "test"
+            for warning in check_net_fits_data(self.net, datamodule.sample_images(16, split=split)):
+                rank_zero_warn(warning)
         if stage == "fit" and self._trainer is not None:
             self._check_terms(str(self.trainer.precision))
 

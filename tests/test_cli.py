@@ -47,6 +47,8 @@ def _cpu_args(config_path: Path, tmp_path: Path) -> list[str]:
             args += ["--model.net.init_args.num_classes", "10"]  # an ImageNet head on the 10 digits
     if config["model"].get("weights"):
         args += ["--model.weights", "null"]  # fine-tuning configs start from a run of yours (tested below)
+    if config["model"]["net"].get("init_args", {}).get("weights"):
+        args += ["--model.net.init_args.weights", "null"]  # ... or from your local copy of published weights
     return args
 
 
@@ -261,3 +263,34 @@ def test_the_printed_summary_keeps_each_path_on_its_line(tmp_path):
         if line.startswith(("checkpoint", "run dir"))
     }
     assert Path(lines["checkpoint"]).is_file() and lines["checkpoint"].startswith(str(deep))
+
+
+IMAGENET_CONFIGS = sorted((ROOT / "configs").glob("imagenet_*.yaml"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config_path", IMAGENET_CONFIGS, ids=lambda p: p.stem)
+def test_imagenet_recipes_take_two_steps_on_a_tiny_image_folder(config_path, tmp_path):
+    """The ImageNet configs end to end (their terms, callbacks, data pipeline) on a generated 3-class ImageFolder of
+    40x40 PNGs at 32 pixels, with a ResNet-18 for the ResNet-50 and no pretrained file, on the CPU."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for name in ("a", "b", "c"):
+            (tmp_path / "imagenet" / split / name).mkdir(parents=True)
+            for i in range(4):
+                pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "imagenet" / split / name / f"{i}.png")
+    args = ["--config", str(config_path), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+            "--trainer.strategy", "auto", "--trainer.precision", "bf16-true", "--trainer.fast_dev_run", "2",
+            "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.default_root_dir", str(tmp_path),
+            "--data.init_args.root", str(tmp_path / "imagenet"), "--data.init_args.image_size", "32",
+            "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
+            "--model.net.init_args.name", "resnet18", "--model.net.init_args.num_classes", "3", *QUIET]  # fmt: skip
+    if yaml.safe_load(config_path.read_text())["model"]["net"]["init_args"].get("weights"):
+        args += ["--model.net.init_args.weights", "null"]
+    cli = RobustCLI(args=args)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["train/loss"])

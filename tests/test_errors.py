@@ -96,7 +96,8 @@ def _imagefolder_args(root: Path, tmp_path: Path, workers: int) -> list[str]:
     }
     return [*QUICK, "--trainer.default_root_dir", str(tmp_path), "--trainer.callbacks", "[]",
             "--trainer.max_epochs", "1", "--data", json.dumps(data), "--model.net.init_args.in_channels", "3",
-            "--model.net.init_args.num_classes", "2"]  # fmt: skip
+            "--model.net.init_args.num_classes", "2", "--model.net.init_args.mean", "[0.5, 0.5, 0.5]",
+            "--model.net.init_args.std", "[0.29, 0.29, 0.29]"]  # fmt: skip
 
 
 def test_an_empty_class_folder_is_named(capsys, tmp_path):

@@ -1,5 +1,6 @@
 """CIFAR-10 and CIFAR-100 through torchvision, with the standard augmentation (random crop with 4-pixel
-padding, horizontal flip). Images stay in [0, 1]: normalisation lives inside the model.
+padding, horizontal flip) or transforms of your own (torchvision.transforms.v2 by class_path). Images stay in
+[0, 1]: normalisation lives inside the model.
 
 The official training set is split (seeded) into train and validation; the official test set is the test set.
 """
@@ -9,10 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
-from torchvision import datasets, transforms
+from torch import nn
+from torch.utils.data import Dataset, Subset
+from torchvision import datasets
 
 from robustattr.data.base import SplitDataModule
+from robustattr.data.transforms import default_transforms, pipeline
 from robustattr.errors import ConfigError, DatasetNotFoundError
 
 
@@ -22,11 +25,12 @@ class CIFAR10DataModule(SplitDataModule):
     Args:
         root: folder that holds (or will hold) the extracted python version of the dataset.
         download: fetch the archive into ``root`` when it is missing (needs network access).
-        batch_size: training batch size; ``eval_batch_size`` for validation and test (default: same).
         val_size: images of the official training set held out for validation (0: validate on the test set).
         split_seed: seed of the train/validation split.
-        augment: random crop (padding 4) and horizontal flip for training.
-        num_workers, pin_memory: DataLoader settings.
+        augment: random crop (padding 4) and horizontal flip for training (the default pipeline).
+        train_transforms, eval_transforms: torchvision.transforms.v2 transforms replacing the defaults (see
+            `robustattr.data.transforms`).
+        batch_size, eval_batch_size, num_workers, pin_memory: loader settings (`SplitDataModule`).
     """
 
     dataset_class = datasets.CIFAR10
@@ -41,26 +45,32 @@ class CIFAR10DataModule(SplitDataModule):
         self,
         root: str = "data",
         download: bool = False,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
         val_size: int = 5000,
         split_seed: int = 0,
         augment: bool = True,
-        num_workers: int = 4,
+        train_transforms: list[nn.Module] | None = None,
+        eval_transforms: list[nn.Module] | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int | None = None,
         pin_memory: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
         if not 0 <= val_size < 50000:
             raise ConfigError(f"{type(self).__name__}: val_size must be in [0, 50000), got {val_size}")
         self.root = root
         self.download = download
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
         self.val_size = val_size
         self.split_seed = split_seed
         self.augment = augment
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        self.train_transforms = train_transforms
+        self.eval_transforms = eval_transforms
+
+    def transform(self, train: bool):
+        given = self.train_transforms if train else self.eval_transforms
+        if given is None:
+            given = default_transforms(32, 32, train=True) if train and self.augment else []
+        return pipeline(given)
 
     def _missing_message(self, reason: str) -> str:
         return (
@@ -90,22 +100,19 @@ class CIFAR10DataModule(SplitDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        to_tensor = transforms.ToTensor()
-        train_tf = (
-            transforms.Compose(
-                [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
-            )
-            if self.augment
-            else to_tensor
-        )
-        train_aug = self._dataset(train=True, transform=train_tf)
-        train_plain = self._dataset(train=True, transform=to_tensor)
-        test = self._dataset(train=False, transform=to_tensor)
+        train_aug = self._dataset(train=True, transform=self.transform(train=True))
+        train_plain = self._dataset(train=True, transform=self.transform(train=False))
+        test = self._dataset(train=False, transform=self.transform(train=False))
         order = torch.randperm(len(train_aug), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
         val_idx, train_idx = order[: self.val_size], order[self.val_size :]
         self.splits["train"] = Subset(train_aug, train_idx)
         self.splits["val"] = Subset(train_plain, val_idx) if self.val_size else test
         self.splits["test"] = test
+        self._train_plain = Subset(train_plain, train_idx)
+
+    def plain_split(self, split: str) -> Dataset:
+        self.setup()
+        return self._train_plain if split == "train" else self.splits[split]
 
 
 class CIFAR100DataModule(CIFAR10DataModule):

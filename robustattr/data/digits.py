@@ -20,30 +20,30 @@ class DigitsDataModule(SplitDataModule):
     """Digits as tensors in [0, 1], split into train/val/test with a fixed seed (stratified by class).
 
     Args:
-        batch_size: training batch size.
-        eval_batch_size: batch size for validation and test (default: ``batch_size``).
         val_fraction: share of the 1797 images held out for validation.
         test_fraction: share held out for the test set.
         split_seed: seed of the split; independent of the training seed so runs compare on the same images.
         image_size: resize the 8x8 images to this size (bilinear), e.g. 32 for CIFAR-shaped models.
         channels: 1 (grayscale) or 3 (the gray channel replicated).
-        num_workers: DataLoader workers (the data is already in memory; 0 is fastest).
+        batch_size, eval_batch_size, num_workers, pin_memory: loader settings (`SplitDataModule`); the data is in
+            memory, so loading in the main process (``num_workers: 0``) is fastest.
     """
 
     num_classes = 10
 
     def __init__(
         self,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         split_seed: int = 0,
         image_size: int = 8,
         channels: int = 1,
-        num_workers: int = 0,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int | None = 0,
+        pin_memory: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ConfigError(
                 f"DigitsDataModule: val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in "
@@ -53,16 +53,11 @@ class DigitsDataModule(SplitDataModule):
             raise ConfigError(f"DigitsDataModule: channels must be 1 or 3, got {channels}")
         if image_size < 4:
             raise ConfigError(f"DigitsDataModule: image_size must be at least 4, got {image_size}")
-        if batch_size < 1:
-            raise ConfigError(f"DigitsDataModule: batch_size must be positive, got {batch_size}")
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.split_seed = split_seed
         self.image_size = image_size
         self.channels = channels
-        self.num_workers = num_workers
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

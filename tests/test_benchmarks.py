@@ -1,0 +1,26 @@
+"""The benchmark scripts run (tiny sizes, on the CPU) and write the JSON their README sections quote."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+@pytest.mark.slow
+def test_gpu_throughput_runs_on_the_cpu_at_tiny_sizes(tmp_path):
+    import gpu_throughput
+
+    out = tmp_path / "gpu_throughput.json"
+    report = gpu_throughput.main(["--sizes", "tiny", "--min-time", "0", "--device", "cpu", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["plain_images_per_second"] == report["plain_images_per_second"]
+    assert set(saved["plain_images_per_second"]) == {"resnet18_32", "resnet50_224"}
+    workloads = {row["workload"] for row in saved["rows"]}
+    assert {"plain", "gradient_norm", "ssr", "pgd_at", "fragility_validation", "curvature_monitor"} <= workloads
+    settings = {(r["model"], r["precision"], r["channels_last"]) for r in saved["rows"]}
+    assert len(settings) == 2 * 2 * 2 and len(saved["rows"]) == 8 * len(workloads)
+    assert all(row["images_per_second"] > 0 for row in saved["rows"])
