@@ -6,8 +6,7 @@ import torch
 from torchmetrics import Metric
 
 from robustattr.callbacks.base import AttackCallback
-from robustattr.metrics import PerSampleMean
-from robustattr.regularizers import top_hessian_eigenvalue
+from robustattr.metrics import PerSampleMean, top_hessian_eigenvalue
 
 
 class _Mean(PerSampleMean):

@@ -5,10 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
-from matplotlib.figure import Figure  # not pyplot: no global backend or figure state in the user's process
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
@@ -20,35 +18,7 @@ from robustattr.data.base import seeded_subset
 from robustattr.errors import ConfigError
 from robustattr.metrics import center_shift, default_k, spearman, topk_intersection, topk_mask
 from robustattr.run import run_dir
-
-COLUMNS = ["clean", "clean map", "attacked", "attacked map", "top-k clean", "top-k attacked"]
-
-
-def _image(t: torch.Tensor) -> np.ndarray:
-    array = t.detach().float().cpu().clamp(0, 1).numpy()
-    return array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0)
-
-
-def panel_figure(x, x_adv, clean, adv, masks, values, title: str) -> Figure:
-    """Rows of examples: clean image, its map, attacked image, its map, both top-k masks; metric values below."""
-    n = x.shape[0]
-    figure = Figure(figsize=(2 * len(COLUMNS), 2.1 * n))
-    axes = figure.subplots(n, len(COLUMNS), squeeze=False)
-    for i in range(n):
-        panels = [_image(x[i]), clean[i], _image(x_adv[i]), adv[i], masks[0][i].float(), masks[1][i].float()]
-        for j, (ax, panel) in enumerate(zip(axes[i], panels, strict=True)):
-            cmap = "gray" if j in (0, 2) and np.ndim(panel) == 2 else ("magma" if j in (1, 3) else "Greens")
-            ax.imshow(np.asarray(panel), cmap=cmap)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(COLUMNS[j], fontsize=9)
-        summary = ", ".join(f"{name} {v[i]:.2f}" for name, v in values.items() if name != "label kept")
-        axes[i][0].set_ylabel(f"#{i}", fontsize=8)
-        axes[i][3].set_xlabel(summary, fontsize=7)
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    return figure
+from robustattr.viz import DPI, PANEL_COLUMNS, image_array, panel_figure
 
 
 class AttributionPanels(pl.Callback):
@@ -121,7 +91,7 @@ class AttributionPanels(pl.Callback):
         folder = run_dir(trainer) / "panels"
         folder.mkdir(parents=True, exist_ok=True)
         self.last_png = folder / f"{stage}_epoch{trainer.current_epoch:03d}.png"
-        figure.savefig(self.last_png, dpi=90)
+        figure.savefig(self.last_png, dpi=DPI)
 
     def _log_wandb(self, logger, figure, x, x_adv, clean, adv, masks, values, stage) -> None:
         import wandb
@@ -129,7 +99,7 @@ class AttributionPanels(pl.Callback):
         logger.log_image(key=f"{stage}/panels", images=[wandb.Image(figure)])
         rows = []
         for i in range(x.shape[0]):
-            images = [_image(x[i]), clean[i].numpy(), _image(x_adv[i]), adv[i].numpy()]
+            images = [image_array(x[i]), clean[i].numpy(), image_array(x_adv[i]), adv[i].numpy()]
             images += [masks[0][i].float().numpy(), masks[1][i].float().numpy()]
             rows.append([wandb.Image(img) for img in images] + [float(v[i]) for v in values.values()])
-        logger.log_table(key=f"{stage}/panels_table", columns=COLUMNS + list(values), data=rows)
+        logger.log_table(key=f"{stage}/panels_table", columns=PANEL_COLUMNS + list(values), data=rows)

@@ -97,7 +97,7 @@ def test_every_section_reports_json_and_html_and_a_rerun_is_cached(checkpoints, 
     saved = json.loads((tmp_path / "a" / "report.json").read_text())
     assert saved["results"] == json_safe(results)  # NaN (a statistic over no samples) is written as null
     page = (tmp_path / "a" / "report.html").read_text()
-    assert page.count("<img src='data:image/png;base64,") >= 10 and "<table>" in page
+    assert page.count("src='data:image/png;base64,") >= 10 and "<table>" in page
     again = main([*args, "--out", str(tmp_path / "a")])
     assert all(t == {"seconds": 0.0, "cached": True} for t in again["timings"].values())
     assert json_safe(again["results"]) == saved["results"]

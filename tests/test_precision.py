@@ -32,6 +32,7 @@ from robustattr.attacks import (
 )
 from robustattr.attributions import GradientXInput, IntegratedGradients, Saliency, SmoothGrad, UniformGradient
 from robustattr.errors import ConfigError
+from robustattr.metrics import top_hessian_eigenvalue
 from robustattr.models import SmallCNN
 from robustattr.module import RobustClassifier
 from robustattr.regularizers import (
@@ -42,7 +43,6 @@ from robustattr.regularizers import (
     GradientNorm,
     HessianNorm,
     IGNorm,
-    top_hessian_eigenvalue,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,6 +32,13 @@ from robustattr.metrics.functional import (
 from robustattr.models.activations import needs_smooth_surrogate, set_beta
 
 
+def _scaled(size: float | torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """A step length (one value, or one per sample under a per-sample threat) times a batch of directions."""
+    if isinstance(size, torch.Tensor):
+        size = size.to(direction).view(-1, *[1] * (direction.dim() - 1))
+    return size * direction
+
+
 @dataclass
 class ExplanationAttackResult:
     x_adv: torch.Tensor  # the kept iterate (x itself where none kept the label)
@@ -124,7 +131,7 @@ class ExplanationAttack:
 
     def update(self, grad: torch.Tensor | None, ctx: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         """The perturbation to add (before projection): a signed-gradient step by default."""
-        return self.step_size * self.threat.direction(grad)
+        return _scaled(self.step_size, self.threat.direction(grad))
 
     uses_gradient = True
 
@@ -342,7 +349,7 @@ class TargetMapAttack(ExplanationAttack):
         m.mul_(0.9).add_(grad, alpha=0.1)
         v.mul_(0.999).addcmul_(grad, grad, value=0.001)
         ctx["adam"][2] = t
-        return self.step_size * (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+        return _scaled(self.step_size, (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8))
 
 
 class RandomSignAttack(ExplanationAttack):
@@ -375,7 +382,7 @@ class RandomSignAttack(ExplanationAttack):
         x = ctx["maps_clean"]
         shape = ctx["input_shape"]
         noise = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
-        return self.step_size * noise.sign()
+        return _scaled(self.step_size, noise.sign())
 
     def score(self, maps, ctx):
         return 1 - topk_intersection(ctx["maps_clean"], maps, ctx["k"])

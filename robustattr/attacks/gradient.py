@@ -130,7 +130,7 @@ class PGD:
             logits = model(x_adv)
             loss = sign * F.cross_entropy(logits, labels, reduction="sum")
             (grad,) = torch.autograd.grad(loss, x_adv)
-            x_next = threat.project(x_adv.detach() + alpha * threat.direction(grad), x)
+            x_next = threat.step(x_adv.detach(), x, grad, alpha)
             if self.early_stop:
                 active &= ~self._success(logits.detach(), y, target)
                 x_next = torch.where(active.view(-1, *[1] * (x.dim() - 1)), x_next, x_adv.detach())
@@ -191,5 +191,5 @@ def projected_ascent(
     for _ in range(steps):
         x_adv.requires_grad_(True)
         (grad,) = torch.autograd.grad(objective(x_adv), x_adv)
-        x_adv = threat.project(x_adv.detach() + step_size * threat.direction(grad), x)
+        x_adv = threat.step(x_adv.detach(), x, grad, step_size)
     return x_adv.detach()

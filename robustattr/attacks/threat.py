@@ -20,10 +20,13 @@ def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class ThreatModel:
-    """Base class: a ball of radius ``eps`` around x, inside the [0, 1] box."""
+    """Base class: a ball of radius ``eps`` around x, inside the [0, 1] box.
+
+    ``eps`` is one radius, or (see `per_sample`) one radius per sample of the batch, so that an epsilon sweep runs as
+    one batch of copies (one pass instead of one per epsilon)."""
 
     def __init__(self, eps: float) -> None:
-        self.eps = self._check(float(eps))
+        self.eps: float | torch.Tensor = self._check(float(eps))
 
     def _check(self, eps: float) -> float:
         if not math.isfinite(eps) or eps < 0:
@@ -35,6 +38,25 @@ class ThreatModel:
         other = copy.copy(self)
         other.eps = other._check(float(eps))
         return other
+
+    def per_sample(self, eps: torch.Tensor) -> ThreatModel:
+        """The same threat model with one radius per sample: ``eps`` of shape (N,)."""
+        for value in eps.flatten().tolist():
+            self._check(value)
+        other = copy.copy(self)
+        other.eps = eps.detach().reshape(-1)
+        return other
+
+    def radius(self, like: torch.Tensor) -> float | torch.Tensor:
+        """The radius, shaped to broadcast against a batch like ``like``."""
+        return self.eps if isinstance(self.eps, float) else _per_sample(self.eps.to(like), like)
+
+    def step(
+        self, x_adv: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, size: float | torch.Tensor
+    ) -> torch.Tensor:
+        """One steepest-ascent step of length ``size`` (one value, or one per sample) from x_adv, projected."""
+        size = size if isinstance(size, float | int) else _per_sample(size.to(grad), grad)
+        return self.project(x_adv + size * self.direction(grad), x)
 
     def norm(self, delta: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -50,7 +72,8 @@ class ThreatModel:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(eps={self.eps:.6g})"
+        eps = f"{self.eps:.6g}" if isinstance(self.eps, float) else f"per sample, {self.eps.numel()} values"
+        return f"{type(self).__name__}(eps={eps})"
 
     @property
     def label(self) -> str:
@@ -76,13 +99,14 @@ class LinfBall(ThreatModel):
 
     def random_start(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return (x + (2 * noise - 1) * self.eps).clamp(0, 1)
+        return (x + (2 * noise - 1) * self.radius(x)).clamp(0, 1)
 
     def direction(self, grad: torch.Tensor) -> torch.Tensor:
         return grad.sign()
 
     def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.minimum(torch.maximum(x_adv, x - self.eps), x + self.eps).clamp(0, 1)
+        eps = self.radius(x)
+        return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp(0, 1)
 
 
 class L2Ball(ThreatModel):
@@ -101,12 +125,14 @@ class L2Ball(ThreatModel):
         direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         direction = direction / _per_sample(self.norm(direction), x).clamp_min(1e-12)
         u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
-        return (x + direction * _per_sample(self.eps * u ** (1.0 / d), x)).clamp(0, 1)
+        eps = self.eps if isinstance(self.eps, float) else self.eps.to(x)
+        return (x + direction * _per_sample(eps * u ** (1.0 / d), x)).clamp(0, 1)
 
     def direction(self, grad: torch.Tensor) -> torch.Tensor:
         return grad / _per_sample(self.norm(grad), grad).clamp_min(1e-12)
 
     def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         delta = x_adv - x
-        scale = (self.eps / self.norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+        eps = self.eps if isinstance(self.eps, float) else self.eps.to(delta)
+        scale = (eps / self.norm(delta).clamp_min(1e-12)).clamp(max=1.0)
         return (x + delta * _per_sample(scale, delta)).clamp(0, 1)

@@ -13,13 +13,12 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
-from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import robustattr
 from robustattr.audit.cache import ResultCache, code_version, data_fingerprint, fingerprint, json_safe, key_of
 from robustattr.audit.loading import AuditedModel, load_model
-from robustattr.audit.sections import AuditData, Section
+from robustattr.audit.progress import progress_display
+from robustattr.audit.sections import AuditData, RenderContext, Section
 from robustattr.data.base import seeded_subset
 from robustattr.errors import ConfigError, exit_with_error, find_user_error
 from robustattr.files import atomic_write
@@ -69,10 +68,19 @@ def versions() -> dict[str, str]:
     }
 
 
+def named_checkpoint(entry: str) -> tuple[str | None, str]:
+    """``name=path`` -> (name, path); a plain path -> (None, path). A path that exists is never split."""
+    name, sep, path = entry.partition("=")
+    if sep and name and "/" not in name and not Path(entry).exists():
+        return name, path
+    return None, entry
+
+
 def run_audit(
     checkpoints: list[str],
     sections: list[Section],
     out: str = "audit",
+    names: list[str] | None = None,
     num_samples: int = 256,
     batch_size: int = 64,
     seed: int = 0,
@@ -84,12 +92,15 @@ def run_audit(
     dtype: Literal["float32", "bfloat16"] = "float32",
     html: bool = True,
     wandb: bool = False,
+    tradeoff_epsilon: float | None = None,
     config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Audit ``checkpoints`` with ``sections``; returns the report (also written to ``out/report.json``).
 
     ``trusted_prefixes``: packages besides robustattr, torch.nn, torch.optim and torchvision.transforms that a
     checkpoint's stored config (or ``net``/``data`` here) may name, e.g. ``[mylab.models]`` for your own nets.
+    ``checkpoints`` entries may read ``name=path``; ``names`` gives the names otherwise (default: the file names).
+    ``tradeoff_epsilon``: the epsilon of the trade-off figure (default: where the checkpoints differ most).
     ``dtype``: the networks' precision (``bfloat16`` halves memory and time on GPUs that have it; attacks keep
     their iterates in fp32 and metrics are computed in fp32 either way)."""
     if not checkpoints:
@@ -97,10 +108,15 @@ def run_audit(
     if num_samples < 1 or batch_size < 1:
         raise ConfigError(f"num_samples and batch_size must be positive, got {num_samples} and {batch_size}")
     prefixes = tuple(trusted_prefixes or ())
-    models: list[AuditedModel] = [load_model(path, net, prefixes) for path in checkpoints]
-    names = [m.name for m in models]
+    named = [named_checkpoint(entry) for entry in checkpoints]
+    if names is not None:
+        if len(names) != len(named):
+            raise ConfigError(f"{len(names)} names for {len(named)} checkpoints: give one name per checkpoint")
+        named = [(name, path) for name, (_, path) in zip(names, named, strict=True)]
+    models: list[AuditedModel] = [load_model(path, net, prefixes, name) for name, path in named]
+    given = [m.name for m in models]
     for i, m in enumerate(models):  # distinct names, also for two files called last.ckpt
-        if names.count(m.name) > 1:
+        if given.count(m.name) > 1:
             m.name = f"{m.name}#{i}"
     data_config = data or (models[0].config or {}).get("data")
     if not data_config:
@@ -125,8 +141,7 @@ def run_audit(
     }  # fmt: skip
     results: dict[str, Any] = {}
     timings: dict[str, dict[str, Any]] = {}
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
-    with Progress(*columns, transient=False) as progress:
+    with progress_display() as progress:
         for section in sections:
             if section.name in results:
                 raise ConfigError(f"the section {section.name!r} is listed twice")
@@ -137,10 +152,10 @@ def run_audit(
                 key = key_of([section.name, fingerprint(section), hashes, common])
                 result = cache.load(section.name, key)
                 if result is not None:
-                    progress.add_task(f"{escape(label)} (cached)", total=1, completed=1)
+                    progress.add_task(label, total=1, completed=1, cached=True)
                     timings[label] = {"seconds": 0.0, "cached": True}
                 else:
-                    task = progress.add_task(escape(label), total=section.work(audit_data))
+                    task = progress.add_task(label, total=section.work(audit_data))
                     torch.manual_seed(seed)
                     start = time.perf_counter()
                     if model is None:
@@ -170,11 +185,12 @@ def run_audit(
     if html or wandb:
         from robustattr.audit.report import write_html, write_wandb
 
-        figures = None
-        if html:
-            figures = write_html(report, models, audit_data, out_dir / "report.html")
+        context = RenderContext({m.name: m.model for m in models}, audit_data)
+        figures, parts = write_html(report, sections, context, out_dir / "report.html", tradeoff_epsilon)
+        if not html:
+            (out_dir / "report.html").unlink()
         if wandb:
-            write_wandb(report, out_dir, figures)
+            write_wandb(report, out_dir, figures, parts)
     return report
 
 

@@ -12,6 +12,7 @@ from robustattr.metrics.classes import (
     SpearmanCorrelation,
     TopKIntersection,
 )
+from robustattr.metrics.diagnostics import top_hessian_eigenvalue
 from robustattr.metrics.functional import (
     attack_success,
     center_of_mass,
@@ -48,6 +49,7 @@ __all__ = [
     "pixel_map",
     "robust_accuracy",
     "spearman",
+    "top_hessian_eigenvalue",
     "topk_intersection",
     "topk_mask",
 ]

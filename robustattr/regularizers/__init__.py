@@ -1,14 +1,8 @@
 """Objective terms added to the cross-entropy training loss (``RobustClassifier(terms=[...])``)."""
 
+from robustattr.derivatives import logit_jvp, logit_vjp, loss_hvp, per_sample_norm
 from robustattr.regularizers.adversarial import TRADES, AdversarialCE, IGNorm, integrated_loss_gradients
 from robustattr.regularizers.base import ObjectiveTerm, frozen_norm_stats
-from robustattr.regularizers.derivatives import (
-    logit_jvp,
-    logit_vjp,
-    loss_hvp,
-    per_sample_norm,
-    top_hessian_eigenvalue,
-)
 from robustattr.regularizers.smoothness import CURE, SSR, GradientNorm, HessianNorm
 
 __all__ = [
@@ -26,5 +20,4 @@ __all__ = [
     "logit_vjp",
     "loss_hvp",
     "per_sample_norm",
-    "top_hessian_eigenvalue",
 ]

@@ -18,9 +18,9 @@ from torch import nn
 from robustattr.attacks.base import gradient_context
 from robustattr.attacks.gradient import PGD, projected_ascent
 from robustattr.attacks.threat import LinfBall
+from robustattr.derivatives import at_least_fp32
 from robustattr.errors import ConfigError
 from robustattr.regularizers.base import ObjectiveTerm, frozen_norm_stats
-from robustattr.regularizers.derivatives import at_least_fp32
 
 
 class _Crafted(ObjectiveTerm):

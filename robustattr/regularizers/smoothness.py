@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustattr.derivatives import at_least_fp32, logit_jvp, logit_vjp, loss_hvp, per_sample_norm
 from robustattr.errors import ConfigError
 from robustattr.regularizers.base import (
     ObjectiveTerm,
@@ -21,7 +22,6 @@ from robustattr.regularizers.base import (
     loss_input_gradient,
     per_sample_sq_norm,
 )
-from robustattr.regularizers.derivatives import at_least_fp32, logit_jvp, logit_vjp, loss_hvp, per_sample_norm
 
 _RELU_NOTE = (
     "the network's logits have zero input curvature almost everywhere, so the input Hessian of the loss is "

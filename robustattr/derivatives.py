@@ -30,23 +30,6 @@ def per_sample_norm(v: torch.Tensor) -> torch.Tensor:
     return flat.norm(dim=1).clamp_min(1e-30).view(-1, *[1] * (v.dim() - 1))
 
 
-def top_hessian_eigenvalue(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, iters: int, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-sample input-gradient norms of the loss, per-sample top input-Hessian eigenvalue estimates) by
-    ``iters`` power iterations on exact Hessian-vector products (double backprop, no parameter gradients)."""
-    x = x.detach().requires_grad_(True)
-    (g,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x, create_graph=True)
-    v = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    eig = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
-    for _ in range(iters):
-        v = v / per_sample_norm(v)
-        hv = loss_hvp(model, x, y, v, "reverse", create_graph=False, grad=g)
-        eig = (v * hv).reshape(x.shape[0], -1).sum(dim=1)  # Rayleigh quotient at the current vector
-        v = hv.detach()
-    return g.detach().reshape(x.shape[0], -1).norm(dim=1), eig.detach()
-
-
 def loss_hvp(
     model: nn.Module,
     x: torch.Tensor,

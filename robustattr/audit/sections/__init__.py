@@ -1,0 +1,22 @@
+"""Audit sections: each runs on the audit's fixed, seeded subset, returns JSON-able results, and renders them."""
+
+from robustattr.audit.sections.base import AuditData, RenderContext, Rendered, Section, Table
+from robustattr.audit.sections.explanations import AttributionTransfer, ExplanationFragility, SmoothingWithoutRetraining
+from robustattr.audit.sections.geometry import Curvature, ExplainingAway, SemanticDirections
+from robustattr.audit.sections.predictions import RobustnessCurves, Transferability
+
+__all__ = [
+    "AttributionTransfer",
+    "AuditData",
+    "Curvature",
+    "ExplainingAway",
+    "ExplanationFragility",
+    "RenderContext",
+    "Rendered",
+    "RobustnessCurves",
+    "Section",
+    "SemanticDirections",
+    "SmoothingWithoutRetraining",
+    "Table",
+    "Transferability",
+]

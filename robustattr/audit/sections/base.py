@@ -1,0 +1,126 @@
+"""What every audit section shares: the audited subset, the section protocol, and what a section renders.
+
+A section runs the library's own attacks, attributions and metrics (no second implementation) on the audit's
+fixed, seeded subset and returns plain JSON-able results (``run`` per checkpoint, ``run_all`` across checkpoints
+for ``cross_model`` sections). It renders its own results (``render``): HTML text stating only what was measured,
+tables holding every number its figures show, and its figures. The cache identifies a section by its complete
+state (`robustattr.audit.cache.fingerprint`), so every setting a section holds takes part in its cache key.
+"""
+
+from __future__ import annotations
+
+import copy
+import html
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class AuditData:
+    x: torch.Tensor  # (N, C, H, W) in [0, 1], CPU
+    y: torch.Tensor
+    batch_size: int
+    seed: int
+
+    def batches(self, limit: int | None = None, copies: int = 1) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Chunks of the first ``limit`` samples, numbered (the seed of each chunk's randomness is seed + number).
+        ``copies``: the chunk will be stacked that many times (an epsilon sweep), so it holds ``batch_size //
+        copies`` samples and the stacked batch stays within ``batch_size`` (on a CPU, a larger batch of a
+        second-order attack costs more per sample)."""
+        n = len(self.x) if limit is None else min(limit, len(self.x))
+        size = max(1, self.batch_size // copies)
+        for c, start in enumerate(range(0, n, size)):
+            stop = min(start + size, n)
+            yield c, self.x[start:stop], self.y[start:stop]
+
+    def count(self, limit: int | None = None, copies: int = 1) -> int:
+        n = len(self.x) if limit is None else min(limit, len(self.x))
+        return math.ceil(n / max(1, self.batch_size // copies))
+
+
+@dataclass
+class Table:
+    header: list[str]
+    rows: list[list]
+    title: str = ""
+
+
+@dataclass
+class Rendered:
+    """What a section shows in the report: paragraphs of HTML (escaped by the section), tables, figures."""
+
+    text: list[str] = field(default_factory=list)
+    tables: list[Table] = field(default_factory=list)
+    figures: list[tuple[str, Figure]] = field(default_factory=list)
+
+    def say(self, sentence: str) -> None:
+        self.text.append(html.escape(sentence))
+
+
+@dataclass
+class RenderContext:
+    """What a section may use to draw beyond its results: the audited networks (eval mode) and the subset."""
+
+    models: dict[str, nn.Module]
+    data: AuditData
+
+
+class Section:
+    """Base class of the audit sections."""
+
+    name = "section"
+    title = "section"
+    cross_model = False
+
+    def work(self, data: AuditData) -> int:
+        """Units of progress (for the progress display)."""
+        return data.count()
+
+    def run(self, model: nn.Module, data: AuditData, progress: Progress) -> dict:
+        raise NotImplementedError
+
+    def run_all(self, models: dict[str, nn.Module], data: AuditData, progress: Progress) -> dict:
+        raise NotImplementedError
+
+    def render(self, results: dict, context: RenderContext) -> Rendered:
+        """``results``: checkpoint name -> result, or the one result of a cross-model section."""
+        raise NotImplementedError
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def mean(values: list[torch.Tensor]) -> float:
+    cat = torch.cat([v.flatten().float().cpu() for v in values]) if values else torch.empty(0)
+    cat = cat[~cat.isnan()]
+    return float(cat.mean()) if cat.numel() else float("nan")
+
+
+def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x.to(device_of(model))).float().cpu()
+
+
+def eps_label(eps: float) -> str:
+    return f"{eps * 255:.3g}/255"
+
+
+def sweep(attack, epsilons: Sequence[float], n: int):
+    """``attack`` for a batch of ``len(epsilons)`` stacked copies of ``n`` samples, each copy at its epsilon: the
+    whole sweep in one pass (one batch of E x n) instead of one pass per epsilon."""
+    eps = torch.tensor([float(e) for e in epsilons]).repeat_interleave(n)
+    swept = copy.copy(attack)
+    swept.threat = attack.threat.per_sample(eps)
+    return swept
+
+
+def stacked(t: torch.Tensor, copies: int) -> torch.Tensor:
+    return t.repeat(copies, *[1] * (t.dim() - 1))

@@ -1,0 +1,376 @@
+"""Sections on the explanations: fragility under explanation attacks, transfer of those attacks between methods,
+and smoothing without retraining."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import torch
+
+from robustattr.attacks import (
+    ExplanationAttack,
+    MassCenterAttack,
+    RandomSignAttack,
+    TargetedAttack,
+    TopKAttack,
+    softplus_surrogate,
+)
+from robustattr.attacks.base import gradient_context, with_seed
+from robustattr.attributions import (
+    Attribution,
+    CaptumAttribution,
+    DeepLift,
+    GradientShap,
+    GradientXInput,
+    IntegratedGradients,
+    Saliency,
+    SmoothGrad,
+    UniformGradient,
+)
+from robustattr.audit.cache import fingerprint
+from robustattr.audit.sections.base import (
+    Rendered,
+    Section,
+    Table,
+    device_of,
+    eps_label,
+    mean,
+    stacked,
+    sweep,
+)
+from robustattr.metrics import functional as M
+from robustattr.models.activations import needs_smooth_surrogate
+from robustattr.viz import figure, heatmap, panel_figure, style
+
+MAP_METRICS = ("topk_intersection", "spearman", "kendall", "center_shift", "cosine_distance")
+STYLES = ["-", "--", ":", "-."]
+
+
+def _default_methods() -> list[Attribution]:
+    return [
+        Saliency(),
+        GradientXInput(),
+        IntegratedGradients(steps=16),
+        SmoothGrad(samples=16),
+        UniformGradient(samples=16),
+        DeepLift(),
+        GradientShap(samples=16),
+    ]
+
+
+def _default_attacks(steps: int) -> list[ExplanationAttack]:
+    return [RandomSignAttack(), TopKAttack(steps=steps), MassCenterAttack(steps=steps), TargetedAttack(steps=steps)]
+
+
+def attackable(method: Attribution) -> Attribution:
+    """Captum's methods cannot be differentiated: attacks on them go through gradient x input, their closest
+    differentiable relative (DeepLIFT's Rescale rule reduces to it on linear pieces), and are measured on the
+    method itself."""
+    return GradientXInput() if isinstance(method, CaptumAttribution) else method
+
+
+def by_attack(methods: list[Attribution]) -> list[tuple[Attribution, list[Attribution]]]:
+    """The methods grouped by the method their attacks go through: one attack serves the whole group."""
+    groups: dict[str, tuple[Attribution, list[Attribution]]] = {}
+    for method in methods:
+        through = attackable(method)
+        key = json.dumps(fingerprint(through), sort_keys=True)
+        groups.setdefault(key, (through, []))[1].append(method)
+    return list(groups.values())
+
+
+def map_metrics(clean: torch.Tensor, adv: torch.Tensor, kept: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    nan = torch.full(kept.shape, float("nan"))
+    values = {
+        "topk_intersection": M.topk_intersection(clean, adv, k),
+        "spearman": M.spearman(clean, adv),
+        "kendall": M.kendall_tau(clean, adv),
+        "center_shift": M.center_shift(clean, adv),
+        "cosine_distance": M.cosine_distance(clean, adv),
+    }
+    out = {name: torch.where(kept, value.cpu().float(), nan) for name, value in values.items()}
+    out["label_kept"] = kept.float()
+    return out
+
+
+def maps_of(method: Attribution, model, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    with gradient_context(model):
+        device = device_of(model)
+        return M.pixel_map(method(model, x.to(device), target.to(device))).cpu()
+
+
+def attack_sweep(model, through: Attribution, members, attack, epsilons, x, y, seed):
+    """Attack ``through`` at every epsilon in one batched pass; per member method and epsilon, the clean and attacked
+    pixel maps, and the kept mask."""
+    copies = len(epsilons)
+    configured = with_seed(sweep(attack, epsilons, len(x)), seed)
+    configured.attribution = through
+    result = configured.run(model, stacked(x, copies), stacked(y, copies))
+    kept = result.kept.cpu().chunk(copies)
+    maps = {}
+    for method in members:
+        if method is through:
+            clean, adv = result.maps_clean.cpu(), result.maps_adv.cpu()
+        else:
+            clean = stacked(maps_of(method, model, x, result.target[: len(x)]), copies)
+            adv = maps_of(method, model, result.x_adv, result.target)
+        maps[method.short_name] = list(zip(clean.chunk(copies), adv.chunk(copies), kept, strict=True))
+    return maps
+
+
+class ExplanationFragility(Section):
+    """(b) Each attribution method x each explanation attack x each epsilon: top-k intersection, Spearman, Kendall,
+    centre shift, cosine distance (over samples whose label was kept) and the label-kept rate; and per method and
+    attack the area under cosine distance over epsilon, from 0 to the largest epsilon and divided by it, i.e. the
+    mean cosine distance over the sweep (Wang et al.'s summary: lower is more robust).
+
+    Cost: each attack runs its whole epsilon sweep as one batch, once per group of methods it goes through:
+    Captum's DeepLift and GradientShap are attacked through gradient x input (see `attackable`), so one attack
+    serves all three. ``examples`` rows of example maps per checkpoint are drawn in the report."""
+
+    name = "fragility"
+    title = "fragility of the explanations"
+
+    def __init__(
+        self,
+        methods: list[Attribution] | None = None,
+        attacks: list[ExplanationAttack] | None = None,
+        epsilons: list[float] | None = None,
+        steps: int = 10,
+        num_samples: int = 64,
+        examples: int = 3,
+    ) -> None:
+        self.methods = methods if methods is not None else _default_methods()
+        self.attacks = attacks if attacks is not None else _default_attacks(steps)
+        self.epsilons = epsilons if epsilons is not None else [2 / 255, 4 / 255, 8 / 255]
+        self.num_samples = num_samples
+        self.examples = examples
+
+    def work(self, data):
+        return len(self.attacks) * len(by_attack(self.methods)) * data.count(self.num_samples, len(self.epsilons))
+
+    def run(self, model, data, progress):
+        groups = by_attack(self.methods)
+        values = {m.short_name: {a.short_name: [{} for _ in self.epsilons] for a in self.attacks} for m in self.methods}
+        for c, x, y in data.batches(self.num_samples, len(self.epsilons)):
+            for attack in self.attacks:
+                for through, members in groups:
+                    swept = attack_sweep(model, through, members, attack, self.epsilons, x, y, data.seed + c)
+                    for method, per_eps in swept.items():
+                        for i, (clean, adv, kept) in enumerate(per_eps):
+                            k = attack.k or M.default_k(*clean.shape[1:])
+                            for metric, v in map_metrics(clean, adv, kept, k).items():
+                                values[method][attack.short_name][i].setdefault(metric, []).append(v)
+                    progress(1)
+        results: dict = {"epsilons": self.epsilons, "methods": {}}
+        for method, per_attack in values.items():
+            results["methods"][method] = {}
+            for attack, per_eps in per_attack.items():
+                rows = [{metric: mean(v) for metric, v in row.items()} for row in per_eps]
+                cosine = [0.0] + [row["cosine_distance"] for row in rows]
+                auc = np.trapezoid(np.nan_to_num(cosine, nan=0.0), [0.0, *self.epsilons]) / max(self.epsilons)
+                results["methods"][method][attack] = {"by_epsilon": rows, "auc_cosine_distance": float(auc)}
+        return results
+
+    @staticmethod
+    def curve(result: dict, method: str = "saliency", attack: str = "topk") -> tuple[list[float], list[float]]:
+        """(epsilons, top-k intersection) of one checkpoint's result for ``method`` under ``attack``."""
+        rows = result["methods"][method][attack]["by_epsilon"]
+        return result["epsilons"], [row["topk_intersection"] for row in rows]
+
+    def render(self, results, context):
+        out = Rendered()
+        first = next(iter(results.values()))
+        methods = list(first["methods"])
+        cols = min(3, len(methods))
+        nrows = (len(methods) + cols - 1) // cols
+        with style():
+            fig = figure(2.8 * cols + 2.6, 2.7 * nrows)
+            axes = fig.subplots(nrows, cols, squeeze=False).flatten()
+            for ax, method in zip(axes, methods, strict=False):
+                for k, (name, r) in enumerate(results.items()):
+                    eps = [e * 255 for e in r["epsilons"]]
+                    for j, (attack, v) in enumerate(r["methods"][method].items()):
+                        ax.plot(eps, [row["topk_intersection"] for row in v["by_epsilon"]], STYLES[j % 4], marker=".",
+                                color=f"C{k}", label=f"{name}: {attack}")  # fmt: skip
+                ax.set_title(method)
+                ax.set_ylim(-0.02, 1.02)
+                ax.set_xlabel("epsilon (x/255)")
+            axes[0].set_ylabel("top-k intersection")
+            handles, labels = axes[0].get_legend_handles_labels()
+            fig.legend(handles, labels, loc="outside right upper")
+            for ax in axes[len(methods) :]:
+                ax.axis("off")
+        out.figures.append(("fragility vs epsilon per method (top-k intersection; higher is more robust)", fig))
+        header = ["model", "method", "attack", "epsilon", *MAP_METRICS, "label kept", "AUC cosine dist."]
+        rows = [
+            [name, method, attack, eps_label(e), *[row[m] for m in MAP_METRICS], row["label_kept"],
+             v["auc_cosine_distance"]]
+            for name, r in results.items() for method, per_attack in r["methods"].items()
+            for attack, v in per_attack.items() for e, row in zip(r["epsilons"], v["by_epsilon"], strict=True)
+        ]  # fmt: skip
+        out.tables.append(Table(header, rows, "metrics over the samples whose label was kept; AUC of cosine "
+                                              "distance over epsilon from 0 (lower: more robust)"))  # fmt: skip
+        if self.examples > 0:
+            for name, model in context.models.items():
+                out.figures.append(self._examples(name, model, context))
+        return out
+
+    def _examples(self, name, model, context):
+        eps = max(self.epsilons)
+        attack = TopKAttack(Saliency(), steps=10, seed=context.data.seed).with_eps(eps)
+        x, y = context.data.x[: self.examples], context.data.y[: self.examples]
+        result = attack.run(model, x.to(device_of(model)), y)
+        clean, adv = result.maps_clean.cpu(), result.maps_adv.cpu()
+        k = M.default_k(*clean.shape[1:])
+        values = {"top-k intersection": M.topk_intersection(clean, adv, k), "spearman": M.spearman(clean, adv),
+                  "center shift": M.center_shift(clean, adv)}  # fmt: skip
+        title = f"{name}: saliency under the top-k attack (10 steps), {eps_label(eps)}, k = {k}"
+        masks = (M.topk_mask(clean, k), M.topk_mask(adv, k))
+        return f"example maps, {name}", panel_figure(x, result.x_adv.cpu(), clean, adv, masks, values, title)
+
+
+class AttributionTransfer(Section):
+    """(c) Perturbations crafted against one attribution method, measured on every method: the top-k
+    intersection matrix (rows: crafted against, columns: measured on)."""
+
+    name = "attribution_transfer"
+    title = "transfer of explanation attacks between methods"
+
+    def __init__(
+        self,
+        methods: list[Attribution] | None = None,
+        attack: ExplanationAttack | None = None,
+        epsilon: float = 8 / 255,
+        num_samples: int = 64,
+    ) -> None:
+        self.methods = methods if methods is not None else [Saliency(), GradientXInput(), IntegratedGradients(steps=16)]
+        self.attack = (attack if attack is not None else TopKAttack(steps=10)).with_eps(epsilon)
+        self.num_samples = num_samples
+
+    def work(self, data):
+        return len(self.methods) * data.count(self.num_samples)
+
+    def run(self, model, data, progress):
+        names = [m.short_name for m in self.methods]
+        matrix = np.zeros((len(names), len(names)))
+        for i, crafted in enumerate(self.methods):
+            values: list[list[torch.Tensor]] = [[] for _ in names]
+            for c, x, y in data.batches(self.num_samples):
+                attack = with_seed(self.attack, data.seed + c)
+                attack.attribution = attackable(crafted)
+                result = attack.run(model, x, y)
+                for j, measured in enumerate(self.methods):
+                    clean = maps_of(measured, model, x, result.target)
+                    adv = maps_of(measured, model, result.x_adv, result.target)
+                    k = self.attack.k or M.default_k(*clean.shape[1:])
+                    values[j].append(M.topk_intersection(clean, adv, k)[result.kept.cpu()])
+                progress(1)
+            matrix[i] = [mean(v) for v in values]
+        return {"methods": names, "epsilon": self.attack.threat.eps, "topk_intersection": matrix.tolist()}
+
+    def render(self, results, context):
+        out = Rendered()
+        cols = min(2, len(results))
+        rows = (len(results) + cols - 1) // cols
+        with style():
+            fig = figure(4.8 * cols, 4.2 * rows)
+            axes = fig.subplots(rows, cols, squeeze=False).flatten()
+            for ax, (name, r) in zip(axes, results.items(), strict=False):
+                heatmap(ax, r["topk_intersection"], r["methods"], r["methods"], f"{name}, {eps_label(r['epsilon'])}")
+            for ax in axes[len(results) :]:
+                ax.axis("off")
+        out.figures.append(("top-k intersection when crafted against one method and measured on another", fig))
+        out.say("Rows: crafted against; columns: measured on.")
+        for name, r in results.items():
+            rows = [[m, *v] for m, v in zip(r["methods"], r["topk_intersection"], strict=True)]
+            out.tables.append(Table([f"{name}: crafted \\ measured", *r["methods"]], rows))
+        return out
+
+
+class SmoothingWithoutRetraining(Section):
+    """(d) The same attack against plain saliency, SmoothGrad, Uniform Gradient, and saliency of softplus(beta)
+    twins of the same network (Dombrowski et al.): smoother explanations without retraining. The softplus rows
+    apply to networks with kinked activations only: on an already smooth network they would repeat plain saliency,
+    so the section says so instead."""
+
+    name = "smoothing"
+    title = "smoothing without retraining"
+
+    def __init__(
+        self,
+        attack: ExplanationAttack | None = None,
+        epsilon: float = 8 / 255,
+        betas: list[float] | None = None,
+        samples: int = 16,
+        num_samples: int = 64,
+    ) -> None:
+        self.attack = (attack if attack is not None else TopKAttack(steps=10)).with_eps(epsilon)
+        self.betas = betas if betas is not None else [10.0, 3.0, 1.0]
+        self.samples = samples
+        self.num_samples = num_samples
+
+    def work(self, data):
+        return (3 + len(self.betas)) * data.count(self.num_samples)
+
+    def _measure(self, model, method, attack, data, progress) -> dict[str, float]:
+        values: dict[str, list[torch.Tensor]] = {}
+        for c, x, y in data.batches(self.num_samples):
+            ((clean, adv, kept),) = attack_sweep(model, method, [method], attack, [attack.threat.eps], x, y,
+                                                 data.seed + c)[method.short_name]  # fmt: skip
+            k = attack.k or M.default_k(*clean.shape[1:])
+            for name, value in map_metrics(clean, adv, kept, k).items():
+                values.setdefault(name, []).append(value)
+            progress(1)
+        return {name: mean(v) for name, v in values.items()}
+
+    def run(self, model, data, progress):
+        rows = {}
+        for label, method in (
+            ("saliency", Saliency()),
+            ("smoothgrad", SmoothGrad(samples=self.samples)),
+            ("uniform_gradient", UniformGradient(samples=self.samples)),
+        ):
+            rows[label] = self._measure(model, method, self.attack, data, progress)
+        applicable = needs_smooth_surrogate(model)
+        for beta in self.betas if applicable else []:
+            smooth = softplus_surrogate(model, beta)
+            attack = copy.copy(self.attack)
+            attack.schedule = None  # the softplus twin is smooth: attack it directly
+            rows[f"softplus_{beta:g}"] = self._measure(smooth, Saliency(), attack, data, progress)
+        if not applicable:
+            progress(len(self.betas) * data.count(self.num_samples))
+        return {"epsilon": self.attack.threat.eps, "explanations": rows, "softplus_applicable": applicable}
+
+    def render(self, results, context):
+        out = Rendered()
+        with style():
+            fig = figure(9, 4.2)
+            ax = fig.subplots()
+            labels = sorted({e for r in results.values() for e in r["explanations"]}, key=_explanation_order)
+            width = 0.8 / len(results)
+            for k, (name, r) in enumerate(results.items()):
+                values = [r["explanations"].get(e, {}).get("topk_intersection", np.nan) for e in labels]
+                ax.bar(np.arange(len(labels)) + k * width, values, width, label=name)
+            ax.set_xticks(np.arange(len(labels)) + width * (len(results) - 1) / 2, labels, rotation=25, ha="right")
+            ax.set_ylabel("top-k intersection")
+            ax.set_ylim(0, 1)
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        eps = eps_label(next(iter(results.values()))["epsilon"])
+        out.figures.append((f"the same top-k attack ({eps}) against smoothed explanations", fig))
+        for name, r in results.items():
+            if not r["softplus_applicable"]:
+                out.say(f"{name}: softplus(beta) explanations do not apply: the network has no kinked activations "
+                        "(it is smooth already), so they would equal its saliency.")  # fmt: skip
+        header = ["model", "explanation", *MAP_METRICS, "label kept"]
+        rows = [[name, e, *[v[m] for m in MAP_METRICS], v["label_kept"]] for name, r in results.items()
+                for e, v in r["explanations"].items()]  # fmt: skip
+        out.tables.append(Table(header, rows, f"metrics under the top-k attack at {eps}"))
+        return out
+
+
+def _explanation_order(label: str) -> tuple[int, float]:
+    fixed = {"saliency": 0, "smoothgrad": 1, "uniform_gradient": 2}
+    return (fixed[label], 0.0) if label in fixed else (3, -float(label.split("_")[1]))

@@ -1,0 +1,191 @@
+"""Sections on the predictions: robustness curves (FGSM, BIM, PGD, L-BFGS) and transferability across checkpoints."""
+
+from __future__ import annotations
+
+import torch
+
+from robustattr.attacks import BIM, FGSM, LBFGS, PGD, LinfBall, TopKAttack
+from robustattr.attacks.base import gradient_context, with_seed
+from robustattr.attributions import Saliency
+from robustattr.audit.sections.base import (
+    Rendered,
+    Section,
+    Table,
+    device_of,
+    eps_label,
+    mean,
+    predict,
+    stacked,
+    sweep,
+)
+from robustattr.metrics import functional as M
+from robustattr.viz import figure, heatmap, style
+
+STYLES = ["-", "--", ":", "-."]
+
+
+class RobustnessCurves(Section):
+    """(a) Clean accuracy, accuracy under FGSM, BIM and PGD over an epsilon list (each attack's whole sweep in one
+    batched pass), and Szegedy et al.'s L-BFGS minimum-distortion statistics (their Table 1: mean distortion
+    ``sqrt(mean(r^2))`` over the examples found)."""
+
+    name = "robustness"
+    title = "robustness of the predictions"
+
+    def __init__(
+        self,
+        epsilons: list[float] | None = None,
+        steps: int = 10,
+        lbfgs_samples: int = 32,
+        lbfgs_search_steps: int = 6,
+        lbfgs_max_iter: int = 50,
+    ) -> None:
+        self.epsilons = epsilons if epsilons is not None else [1 / 255, 2 / 255, 4 / 255, 8 / 255]
+        self.steps = steps
+        self.lbfgs_samples = lbfgs_samples
+        self.lbfgs_search_steps = lbfgs_search_steps
+        self.lbfgs_max_iter = lbfgs_max_iter
+
+    def work(self, data):
+        return data.count(copies=len(self.epsilons)) + data.count(self.lbfgs_samples)
+
+    def run(self, model, data, progress):
+        attacks = {"fgsm": FGSM(), "bim": BIM(steps=self.steps), "pgd": PGD(steps=self.steps)}
+        correct = {name: [[] for _ in self.epsilons] for name in attacks}
+        clean = []
+        copies = len(self.epsilons)
+        for c, x, y in data.batches(copies=copies):
+            clean.append((predict(model, x).argmax(1) == y).float())
+            for name, attack in attacks.items():
+                swept = with_seed(sweep(attack, self.epsilons, len(x)), data.seed + c)
+                x_adv = swept(model, stacked(x, copies), stacked(y, copies))
+                hits = (predict(model, x_adv).argmax(1) == stacked(y, copies)).float()
+                for i, part in enumerate(hits.chunk(copies)):
+                    correct[name][i].append(part)
+            progress(1)
+        lbfgs = LBFGS(search_steps=self.lbfgs_search_steps, max_iter=self.lbfgs_max_iter, seed=data.seed)
+        distortions, found = [], []
+        for _, x, y in data.batches(self.lbfgs_samples):
+            result = lbfgs.run(model, x, y)
+            distortions.append(result.distortion[result.success])
+            found.append(result.success.float())
+            progress(1)
+        d = torch.cat(distortions) if distortions else torch.empty(0)
+        return {
+            "epsilons": self.epsilons,
+            "clean_accuracy": mean(clean),
+            "accuracy": {name: [mean(v) for v in per_eps] for name, per_eps in correct.items()},
+            "lbfgs": {
+                "samples": int(sum(len(f) for f in found)),
+                "success_rate": mean(found),
+                "distortion_mean": float(d.mean()) if d.numel() else float("nan"),
+                "distortion_median": float(d.median()) if d.numel() else float("nan"),
+                "distortion_min": float(d.min()) if d.numel() else float("nan"),
+                "distortion_max": float(d.max()) if d.numel() else float("nan"),
+            },
+        }
+
+    @staticmethod
+    def curve(result: dict, attack: str = "pgd") -> tuple[list[float], list[float]]:
+        """(epsilons, accuracy under ``attack``) of one checkpoint's result."""
+        return result["epsilons"], result["accuracy"][attack]
+
+    def render(self, results, context):
+        out = Rendered()
+        with style():
+            fig = figure(9, 4.6)
+            ax = fig.subplots()
+            for k, (name, r) in enumerate(results.items()):
+                eps = [0.0, *[e * 255 for e in r["epsilons"]]]
+                for j, (attack, acc) in enumerate(r["accuracy"].items()):
+                    ax.plot(eps, [r["clean_accuracy"], *acc], STYLES[j % 4], marker="o", color=f"C{k}",
+                            label=f"{name}: {attack.upper()}")  # fmt: skip
+            ax.set_xlabel("epsilon (x/255, L-infinity)")
+            ax.set_ylabel("accuracy")
+            ax.set_ylim(-0.02, 1.02)
+            ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        out.figures.append(("accuracy vs epsilon", fig))
+        first = next(iter(results.values()))
+        header = ["model", "attack", "clean", *[eps_label(e) for e in first["epsilons"]]]
+        rows = [[name, attack.upper(), r["clean_accuracy"], *acc] for name, r in results.items()
+                for attack, acc in r["accuracy"].items()]  # fmt: skip
+        out.tables.append(Table(header, rows, "accuracy under attack"))
+        keys = ("samples", "success_rate", "distortion_mean", "distortion_median", "distortion_min", "distortion_max")
+        rows = [[name, *[r["lbfgs"][k] for k in keys]] for name, r in results.items()]
+        header = ["model", "L-BFGS samples", "success rate", "mean distortion", "median", "min", "max"]
+        out.tables.append(Table(header, rows, "L-BFGS minimum distortion, sqrt(mean(r^2)) over the examples found"))
+        return out
+
+
+class Transferability(Section):
+    """(g) Szegedy et al.'s transfer study across the audited checkpoints: PGD adversaries crafted on each
+    (rows) evaluated on every other (columns) as accuracy, with a baseline row of Gaussian noise of the same
+    per-sample L2 norm; and top-k explanation attacks crafted on each, measured as the top-k intersection of
+    every model's saliency maps."""
+
+    name = "transferability"
+    title = "transferability across checkpoints"
+    cross_model = True
+
+    def __init__(self, epsilon: float = 8 / 255, steps: int = 10, num_samples: int = 128) -> None:
+        self.epsilon = epsilon
+        self.steps = steps
+        self.num_samples = num_samples
+
+    def work(self, data):
+        return data.count(self.num_samples)
+
+    def run_all(self, models, data, progress):
+        names = list(models)
+        n = len(names)
+        acc = [[[] for _ in names] for _ in range(n + 1)]  # last row: Gaussian noise
+        topk = [[[] for _ in names] for _ in names]
+        pgd = PGD(LinfBall(self.epsilon), steps=self.steps)
+        explanation = TopKAttack(Saliency(), LinfBall(self.epsilon), steps=self.steps)
+        for c, x, y in data.batches(self.num_samples):
+            noise_norms = []
+            for i, source in enumerate(names):
+                x_adv = with_seed(pgd, data.seed + c)(models[source], x, y)
+                noise_norms.append((x_adv - x).flatten(1).norm(dim=1))
+                result = with_seed(explanation, data.seed + c).run(models[source], x, y)
+                for j, target in enumerate(names):
+                    acc[i][j].append((predict(models[target], x_adv).argmax(1) == y).float())
+                    with gradient_context(models[target]):
+                        device = device_of(models[target])
+                        pred = predict(models[target], x).argmax(1).to(device)
+                        clean = M.pixel_map(Saliency()(models[target], x.to(device), pred)).cpu()
+                        adv = M.pixel_map(Saliency()(models[target], result.x_adv.to(device), pred)).cpu()
+                    topk[i][j].append(M.topk_intersection(clean, adv, M.default_k(*clean.shape[1:])))
+            gen = torch.Generator().manual_seed(data.seed + c)
+            noise = torch.randn(x.shape, generator=gen)
+            norm = torch.stack(noise_norms).mean(0)
+            x_noise = (x + noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * norm.view(-1, 1, 1, 1)).clamp(0, 1)
+            for j, target in enumerate(names):
+                acc[n][j].append((predict(models[target], x_noise).argmax(1) == y).float())
+            progress(1)
+        return {
+            "models": names,
+            "epsilon": self.epsilon,
+            "accuracy": [[mean(cell) for cell in row] for row in acc],
+            "rows": [*names, "gaussian noise (same L2 norm)"],
+            "topk_intersection": [[mean(cell) for cell in row] for row in topk],
+        }
+
+    def render(self, result, context):
+        out = Rendered()
+        eps = eps_label(result["epsilon"])
+        with style():
+            fig = figure(10, 4.2)
+            a, b = fig.subplots(1, 2)
+            heatmap(a, result["accuracy"], result["rows"], result["models"], f"accuracy on PGD adversaries, {eps}")
+            heatmap(b, result["topk_intersection"], result["models"], result["models"],
+                    f"saliency top-k intersection, {eps}")  # fmt: skip
+        out.figures.append(("transferability across checkpoints", fig))
+        out.say("Rows: crafted on; columns: evaluated on.")
+        header = ["crafted on \\ evaluated on", *result["models"]]
+        out.tables.append(Table(header, [[r, *v] for r, v in zip(result["rows"], result["accuracy"], strict=True)],
+                                f"accuracy on adversaries (PGD, {eps})"))  # fmt: skip
+        out.tables.append(Table(header, [[r, *v] for r, v in zip(result["models"], result["topk_intersection"],
+                                                                    strict=True)],
+                                f"top-k intersection of saliency maps under top-k attacks ({eps})"))  # fmt: skip
+        return out

@@ -1,0 +1,26 @@
+"""Measurements of a network's input geometry, shared by the validation callbacks and the audit."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustattr.derivatives import loss_hvp, per_sample_norm
+
+
+def top_hessian_eigenvalue(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, iters: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sample input-gradient norms of the loss, per-sample top input-Hessian eigenvalue estimates) by
+    ``iters`` power iterations on exact Hessian-vector products (double backprop, no parameter gradients)."""
+    x = x.detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x, create_graph=True)
+    v = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    eig = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+    for _ in range(iters):
+        v = v / per_sample_norm(v)
+        hv = loss_hvp(model, x, y, v, "reverse", create_graph=False, grad=g)
+        eig = (v * hv).reshape(x.shape[0], -1).sum(dim=1)  # Rayleigh quotient at the current vector
+        v = hv.detach()
+    return g.detach().reshape(x.shape[0], -1).norm(dim=1), eig.detach()
