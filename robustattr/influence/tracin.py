@@ -1,0 +1,141 @@
+"""TracIn (Pruthi et al. 2020, TracInCP): gradient dot products over the checkpoints a run saved,
+
+    score(z_train, z_query) = sum_i lr_i grad l(w_i, z_query) . grad l(w_i, z_train),
+
+with lr_i the learning rate checkpoint i was being trained at, read from its optimizer state. Positive = helpful
+(a proponent), as for the influence functions; its scale is TracIn's own (no Hessian, no 1/n). Self-influence
+``sum_i lr_i |grad l(w_i, z)|^2`` flags mislabelled and rare examples. Per-sample gradients are batched with
+torch.func (one vectorised pass per batch and checkpoint), not a loop over samples.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from robustattr.checkpoint import check_finite, checkpoint_config, classifier_from_checkpoint
+from robustattr.errors import ConfigError, RobustAttrError
+from robustattr.influence.base import Influence, ce_per_sample
+from robustattr.models.weights import load_weights, safe_torch_load
+
+
+def checkpoint_learning_rate(content: dict, path: str | Path) -> float:
+    """The learning rate of the first parameter group in a Lightning checkpoint's optimizer state."""
+    try:
+        return float(content["optimizer_states"][0]["param_groups"][0]["lr"])
+    except (KeyError, IndexError, TypeError) as err:
+        raise RobustAttrError(
+            f"{path}: no optimizer state with a learning rate (TracIn needs train.py checkpoints, or give "
+            "learning_rates)"
+        ) from err
+
+
+class TracIn(Influence):
+    """TracInCP over ``checkpoints`` (train.py ``.ckpt`` files, read with ``weights_only=True``; plain state dicts
+    need ``learning_rates``). ``fit(model, training_set)``: ``model`` gives the architecture and scope; the
+    checkpoints give the weights. ``learning_rates``: overrides the ones read from the optimizer states."""
+
+    name = "tracin"
+
+    def __init__(
+        self,
+        checkpoints: Sequence[str | Path],
+        scope="last",
+        learning_rates: Sequence[float] | None = None,
+        batch_size: int = 128,
+        dtype: torch.dtype | str = torch.float32,
+        trusted_prefixes: Sequence[str] = (),
+    ) -> None:
+        super().__init__(scope, 0.0, batch_size, dtype)
+        self.checkpoints = [str(c) for c in checkpoints]
+        if len(self.checkpoints) < 2:
+            raise ConfigError(
+                f"TracIn needs the checkpoints a run saved during training (at least 2), got {len(self.checkpoints)}: "
+                "keep several with ModelCheckpoint(save_top_k=-1) or every_n_epochs"
+            )
+        if learning_rates is not None and len(learning_rates) != len(self.checkpoints):
+            raise ConfigError(f"TracIn: {len(learning_rates)} learning rates for {len(self.checkpoints)} checkpoints")
+        self.given_learning_rates = None if learning_rates is None else [float(lr) for lr in learning_rates]
+        self.trusted_prefixes = tuple(trusted_prefixes)
+        self.models: list[nn.Module] = []
+        self.learning_rates: list[float] = []
+
+    @property
+    def scale(self) -> float:
+        return 1.0
+
+    def _damping_recorded(self):
+        return None
+
+    def settings(self):
+        return {**super().settings(), "checkpoints": self.checkpoints, "learning_rates": self.learning_rates}
+
+    def _load(self, path: str, index: int) -> tuple[nn.Module, float]:
+        if Path(path).suffix == ".safetensors":
+            content = None
+        else:
+            content = safe_torch_load(path)
+        if isinstance(content, dict) and checkpoint_config(content) is not None:
+            net = classifier_from_checkpoint(content, path, self.trusted_prefixes).net
+            lr = checkpoint_learning_rate(content, path) if self.given_learning_rates is None else None
+        else:
+            if self.given_learning_rates is None:
+                raise RobustAttrError(f"{path}: weights only, no optimizer state: give TracIn learning_rates")
+            net = copy.deepcopy(self.model)
+            load_weights(net, path)
+            check_finite(net.state_dict(), path)
+            lr = None
+        lr = self.given_learning_rates[index] if lr is None else lr
+        if not lr > 0:
+            raise RobustAttrError(f"{path}: learning rate {lr} is not positive")
+        return net.eval().to(self.device, self.dtype), lr
+
+    def _fit(self) -> None:
+        self.models, self.learning_rates = [], []
+        for i, path in enumerate(self.checkpoints):
+            net, lr = self._load(path, i)
+            names = {n for n, _ in net.named_parameters()}
+            if not set(self.scope.names) <= names:
+                raise RobustAttrError(f"{path}: the architecture differs from the model given to fit()")
+            for n, p in net.named_parameters():
+                p.requires_grad_(n in set(self.scope.names))
+            self.models.append(net)
+            self.learning_rates.append(lr)
+
+    def _train_vectors(self, x, y):
+        return torch.cat([self.gradients(x, y, model=m) for m in self.models], 1)
+
+    def _weighted(self, g: torch.Tensor) -> torch.Tensor:
+        size = self.scope.size
+        return torch.cat([lr * g[:, i * size : (i + 1) * size] for i, lr in enumerate(self.learning_rates)], 1)
+
+    def query_vectors(self, x, y):
+        return self._weighted(self._train_vectors(x, y))
+
+    def _self_inverse(self, g):
+        return self._weighted(g)
+
+    def input_gradient(self, x_query, y_query, x_train, y_train):
+        """The gradient of the TracIn score with respect to each training image (summed over the queries and the
+        checkpoints)."""
+        self._require_fitted()
+        self._check_fits(x_query, y_query)
+        self._check_fits(x_train, y_train)
+        size = self.scope.size
+        target = self.query_vectors(x_query, y_query).sum(0).detach()
+        total = torch.zeros_like(x_train, dtype=self.dtype)
+        for i, m in enumerate(self.models):
+            x = x_train.to(self.device, self.dtype).detach().requires_grad_(True)
+            order = {n: p for n, p in m.named_parameters()}
+            params = [order[n] for n in self.scope.names]
+            with torch.enable_grad():
+                loss = ce_per_sample(m(x), y_train.to(self.device)).sum()
+                g = torch.autograd.grad(loss, params, create_graph=True)
+                flat = torch.cat([t.reshape(-1) for t in g])
+                (gx,) = torch.autograd.grad(flat @ target[i * size : (i + 1) * size], x)
+            total += gx.detach().cpu()
+        return total
