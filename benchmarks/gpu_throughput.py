@@ -26,7 +26,7 @@ from torch import nn
 
 from robustattr.attacks import BIM, PGD, RandomSignAttack, TopKAttack
 from robustattr.attributions import Saliency
-from robustattr.metrics import pixel_map
+from robustattr.metrics import pixel_map, top_hessian_eigenvalue
 from robustattr.models import ResNet18, TorchvisionNet
 from robustattr.module import RobustClassifier
 from robustattr.regularizers import (
@@ -37,7 +37,6 @@ from robustattr.regularizers import (
     GradientNorm,
     HessianNorm,
     IGNorm,
-    top_hessian_eigenvalue,
 )
 
 SOFTPLUS = lambda: nn.Softplus(beta=10.0)  # noqa: E731

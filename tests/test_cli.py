@@ -244,8 +244,9 @@ def test_every_package_directory_is_listed_in_pyproject():
     import tomllib
 
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
-    found = {"robustattr." + p.parent.relative_to(ROOT / "robustattr").as_posix().replace("/", ".")
-             for p in (ROOT / "robustattr").glob("*/__init__.py")} | {"robustattr", "robustattr.callbacks"}  # fmt: skip
+    inner = (ROOT / "robustattr").rglob("*/__init__.py")
+    found = {"robustattr." + p.parent.relative_to(ROOT / "robustattr").as_posix().replace("/", ".") for p in inner}
+    found |= {"robustattr", "robustattr.callbacks"}
     assert found == listed
 
 
