@@ -12,6 +12,7 @@ directory, W&B without credentials.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from rich.markup import escape
 
 from robustattr.callbacks.checkpoint import LastCheckpoint
 from robustattr.errors import ConfigError, RobustAttrError, exit_with_error, find_user_error
-from robustattr.files import AtomicCheckpointIO
+from robustattr.files import AtomicCheckpointIO, atomic_write
 from robustattr.models.weights import safe_torch_load
 from robustattr.module import RobustClassifier
 from robustattr.run import CONFIG_KEY, RUN_KEY, run_dir
@@ -54,6 +55,10 @@ class RunConfig(SaveConfigCallback):
         folder = run_dir(trainer)
         folder.mkdir(parents=True, exist_ok=True)
         self.parser.save(self.config, str(folder / self.config_filename), skip_none=False, overwrite=True)
+        flips = getattr(trainer.datamodule, "flipped_labels", None)
+        if flips is not None and getattr(trainer.datamodule, "label_noise", 0) > 0:
+            rows = [{"index": i, "original": a, "planted": b} for i, (a, b) in flips().items()]
+            atomic_write(folder / "flipped_labels.json", json.dumps(rows) + "\n")
         for logger in trainer.loggers:
             logger.log_hyperparams(self.config_dict)
 

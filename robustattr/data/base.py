@@ -7,7 +7,7 @@ import warnings
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
 from robustattr.errors import ConfigError
 
@@ -39,6 +39,39 @@ def collate_readable(batch: list) -> object:
     return default_collate(kept)
 
 
+def dataset_labels(dataset: Dataset) -> torch.Tensor:
+    """The labels of a dataset without loading its images where the dataset allows (tensors, targets, subsets)."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[1].long()
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    targets = getattr(dataset, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(targets, dtype=torch.long)
+    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))])
+
+
+class NoisyLabels(Dataset):
+    """``dataset`` with the labels at some indices replaced (planted label noise)."""
+
+    def __init__(self, dataset: Dataset, labels: dict[int, int]) -> None:
+        self.dataset = dataset
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        sample = self.dataset[index]
+        if sample is None or index not in self.labels:  # None: an unreadable image the dataset skips
+            return sample
+        label = sample[1]
+        planted = (
+            torch.as_tensor(self.labels[index], dtype=label.dtype) if torch.is_tensor(label) else self.labels[index]
+        )
+        return (sample[0], planted, *sample[2:])  # the label's own type: a batch collates ints or tensors, not both
+
+
 class SplitDataModule(pl.LightningDataModule):
     """A DataModule whose ``setup`` fills ``self.splits`` ("train", "val", "test"); the loaders follow.
 
@@ -48,9 +81,14 @@ class SplitDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes; None (the default) gives each process an equal share of the CPUs
             this process may use (at most 8), 0 loads in the main process.
         pin_memory: pin host memory for faster copies to a GPU (ignored without one).
+        label_noise: the fraction of training labels flipped, each to a uniformly drawn other class (planted noise
+            for label-checking experiments, Koh & Liang 2017); validation and test labels are never changed.
+        noise_seed: the seed of the flips. The flipped indices are a function of (label_noise, noise_seed, the
+            training split), so a checkpoint's stored data config reproduces them (`flipped_labels`); train.py
+            writes them to the run directory as flipped_labels.json.
 
     Subclasses set ``drop_last_train`` (the last, smaller training batch is dropped for the large datasets) and
-    may override `plain_split` (a split without random augmentation, for samples and statistics)."""
+    may override `_plain_split` (a split without random augmentation, for samples and statistics)."""
 
     drop_last_train: bool = False
 
@@ -60,8 +98,12 @@ class SplitDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int | None = None,
         pin_memory: bool = True,
+        label_noise: float = 0.0,
+        noise_seed: int = 0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= label_noise < 1.0:
+            raise ConfigError(f"{type(self).__name__}: label_noise is a fraction in [0, 1), got {label_noise}")
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ConfigError(
                 f"{type(self).__name__}: batch sizes must be positive, got {batch_size} and {eval_batch_size}"
@@ -72,7 +114,10 @@ class SplitDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
         self.pin_memory = pin_memory
+        self.label_noise = label_noise
+        self.noise_seed = noise_seed
         self.splits: dict[str, Dataset] = {}
+        self._flips: dict[int, tuple[int, int]] | None = None
 
     def workers(self) -> int:
         """The worker count: as configured, or this process's share of the CPUs (at most 8)."""
@@ -82,11 +127,35 @@ class SplitDataModule(pl.LightningDataModule):
         processes = max(1, int(getattr(trainer, "num_devices", 1) or 1)) if trainer is not None else 1
         return max(0, min(8, available_cpus() // processes - 1))
 
+    def flipped_labels(self) -> dict[int, tuple[int, int]]:
+        """Training-split index -> (original label, planted label) of every flipped label (empty without noise)."""
+        if self._flips is None:
+            self._flips = {}
+            if self.label_noise > 0:
+                self.setup()
+                labels = dataset_labels(self.splits["train"])
+                classes = int(self.num_classes)
+                if classes < 2:
+                    raise ConfigError(f"{type(self).__name__}: label_noise needs at least 2 classes")
+                gen = torch.Generator().manual_seed(self.noise_seed)
+                count = round(self.label_noise * len(labels))
+                chosen = torch.randperm(len(labels), generator=gen)[:count].sort().values
+                shifts = torch.randint(1, classes, (count,), generator=gen)
+                for index, shift in zip(chosen.tolist(), shifts.tolist(), strict=True):
+                    original = int(labels[index])
+                    self._flips[index] = (original, (original + shift) % classes)
+        return self._flips
+
+    def _with_noise(self, split: str, dataset: Dataset) -> Dataset:
+        if split != "train" or self.label_noise == 0:
+            return dataset
+        return NoisyLabels(dataset, {i: new for i, (_, new) in self.flipped_labels().items()})
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         self.setup()
         workers = self.workers()
         return DataLoader(
-            self.splits[split],
+            self._with_noise(split, self.splits[split]),
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
             shuffle=shuffle,
             num_workers=workers,
@@ -106,7 +175,11 @@ class SplitDataModule(pl.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def plain_split(self, split: str) -> Dataset:
-        """``split`` without random augmentation (training images as evaluation sees them)."""
+        """``split`` without random augmentation (training images as evaluation sees them), with the planted label
+        noise of the training split."""
+        return self._with_noise(split, self._plain_split(split))
+
+    def _plain_split(self, split: str) -> Dataset:
         self.setup()
         return self.splits[split]
 

@@ -54,8 +54,10 @@ class CIFAR10DataModule(SplitDataModule):
         eval_batch_size: int | None = None,
         num_workers: int | None = None,
         pin_memory: bool = True,
+        label_noise: float = 0.0,
+        noise_seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, label_noise, noise_seed)
         if not 0 <= val_size < 50000:
             raise ConfigError(f"{type(self).__name__}: val_size must be in [0, 50000), got {val_size}")
         self.root = root
@@ -110,7 +112,7 @@ class CIFAR10DataModule(SplitDataModule):
         self.splits["test"] = test
         self._train_plain = Subset(train_plain, train_idx)
 
-    def plain_split(self, split: str) -> Dataset:
+    def _plain_split(self, split: str) -> Dataset:
         self.setup()
         return self._train_plain if split == "train" else self.splits[split]
 

@@ -42,8 +42,10 @@ class DigitsDataModule(SplitDataModule):
         eval_batch_size: int | None = None,
         num_workers: int | None = 0,
         pin_memory: bool = False,
+        label_noise: float = 0.0,
+        noise_seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, label_noise, noise_seed)
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ConfigError(
                 f"DigitsDataModule: val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in "

@@ -86,8 +86,10 @@ class ImageFolderDataModule(SplitDataModule):
         eval_batch_size: int | None = None,
         num_workers: int | None = None,
         pin_memory: bool = True,
+        label_noise: float = 0.0,
+        noise_seed: int = 0,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory)
+        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, label_noise, noise_seed)
         image_size = image_size if image_size is not None else self.default_image_size
         if image_size is not None and image_size < 1:
             raise ConfigError(f"{type(self).__name__}: image_size must be positive, got {image_size}")
@@ -174,9 +176,9 @@ class ImageFolderDataModule(SplitDataModule):
                 "every split needs the same class names"
             )
 
-    def plain_split(self, split: str) -> Dataset:
+    def _plain_split(self, split: str) -> Dataset:
         if split != "train":
-            return super().plain_split(split)
+            return super()._plain_split(split)
         self._check()
         return self._folder("train", train=False)
 
