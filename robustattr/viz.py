@@ -34,6 +34,18 @@ def figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
+def grid(count: int, cols: int, width: float, height: float, extra_width: float = 0.0) -> tuple[Figure, list]:
+    """A figure of ``count`` panels of ``width`` x ``height`` inches, at most ``cols`` per row; the unused cells of
+    the last row are switched off. Returns the figure and the ``count`` axes in order."""
+    cols = max(1, min(cols, count))
+    rows = (count + cols - 1) // cols
+    fig = figure(width * cols + extra_width, height * rows)
+    axes = list(fig.subplots(rows, cols, squeeze=False).flatten())
+    for ax in axes[count:]:
+        ax.axis("off")
+    return fig, axes[:count]
+
+
 def png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)

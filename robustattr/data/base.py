@@ -117,7 +117,7 @@ class SplitDataModule(pl.LightningDataModule):
         self.label_noise = label_noise
         self.noise_seed = noise_seed
         self.splits: dict[str, Dataset] = {}
-        self._flips: dict[int, tuple[int, int]] | None = None
+        self._flips: tuple[tuple[float, int], dict[int, tuple[int, int]]] | None = None
 
     def workers(self) -> int:
         """The worker count: as configured, or this process's share of the CPUs (at most 8)."""
@@ -129,8 +129,9 @@ class SplitDataModule(pl.LightningDataModule):
 
     def flipped_labels(self) -> dict[int, tuple[int, int]]:
         """Training-split index -> (original label, planted label) of every flipped label (empty without noise)."""
-        if self._flips is None:
-            self._flips = {}
+        key = (self.label_noise, self.noise_seed)  # the settings the flips follow from: never a stale cache
+        if self._flips is None or self._flips[0] != key:
+            flips: dict[int, tuple[int, int]] = {}
             if self.label_noise > 0:
                 self.setup()
                 labels = dataset_labels(self.splits["train"])
@@ -143,8 +144,9 @@ class SplitDataModule(pl.LightningDataModule):
                 shifts = torch.randint(1, classes, (count,), generator=gen)
                 for index, shift in zip(chosen.tolist(), shifts.tolist(), strict=True):
                     original = int(labels[index])
-                    self._flips[index] = (original, (original + shift) % classes)
-        return self._flips
+                    flips[index] = (original, (original + shift) % classes)
+            self._flips = (key, flips)
+        return self._flips[1]
 
     def _with_noise(self, split: str, dataset: Dataset) -> Dataset:
         if split != "train" or self.label_noise == 0:

@@ -179,15 +179,18 @@ class Influence:
         return next(self.model.parameters()).device
 
     # ------------------------------------------------------------------------------------------- gradients
-    def _params(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.scope.parameters}
+    def _models(self) -> list[nn.Module]:
+        """The networks whose gradients make a training point's vector (TracIn: one per checkpoint)."""
+        return [self.model]
+
+    def _scope_parameters(self, model: nn.Module) -> list[torch.Tensor]:
+        named = dict(model.named_parameters())
+        return [named[name] for name in self.scope.names]
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
         """Per-sample gradients of the cross-entropy over the scope, (B, P), batched with torch.func."""
         model = self.model if model is None else model
-        params = {name: p.detach() for name, p in self.scope.parameters} if model is self.model else {
-            name: p.detach() for name, p in model.named_parameters() if name in set(self.scope.names)
-        }  # fmt: skip
+        params = {name: p.detach() for name, p in zip(self.scope.names, self._scope_parameters(model), strict=True)}
 
         def loss(p, xi, yi):
             return ce_per_sample(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0)).sum()
@@ -199,10 +202,10 @@ class Influence:
 
     def query_vectors(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``(H + damping I)^{-1} grad L(z_q)`` per query, (Q, P)."""
-        return self._inverse(self.gradients(x, y))
+        return self._inverse(self._train_vectors(x, y))
 
     def _train_vectors(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.gradients(x, y)
+        return torch.cat([self.gradients(x, y, model=m) for m in self._models()], 1)
 
     def _stream(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(indices, images, labels) of this process's shard of the training set, in batches."""
@@ -230,15 +233,12 @@ class Influence:
         parts, indices = [], []
         for idx, xb, yb in self._stream():
             g = self._train_vectors(xb, yb)
-            parts.append((self._self_inverse(g) * g).sum(1, keepdim=True) * self.scale)
+            parts.append((self._inverse(g) * g).sum(1, keepdim=True) * self.scale)
             indices.append(idx)
         local = torch.cat(parts) if parts else torch.zeros(0, 1, dtype=self.dtype)
         values = D.gather_rows(local, torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
                                len(self.train))  # fmt: skip
         return self._result(values[:, 0].contiguous().cpu())
-
-    def _self_inverse(self, g: torch.Tensor) -> torch.Tensor:
-        return self._inverse(g)
 
     def top_k(self, x: torch.Tensor, y: torch.Tensor, k: int = 10) -> TopK:
         """The ``k`` most helpful (proponents) and most harmful (opponents) training points of each query."""
@@ -260,15 +260,17 @@ class Influence:
         self._require_fitted()
         self._check_fits(x_query, y_query)
         self._check_fits(x_train, y_train)
-        target = self.query_vectors(x_query, y_query).sum(0).detach()
-        x = x_train.to(self.device, self.dtype).detach().requires_grad_(True)
-        params = [p for _, p in self.scope.parameters]
-        with torch.enable_grad():
-            loss = ce_per_sample(self.model(x), y_train.to(self.device)).sum()
-            g = torch.autograd.grad(loss, params, create_graph=True)
-            flat = torch.cat([t.reshape(-1) for t in g])
-            # each training image's own gradient: the sum over the batch separates because images do not interact
-            (gx,) = torch.autograd.grad(flat @ target * self.scale, x)
-        if not torch.isfinite(gx).all():
+        targets = self.query_vectors(x_query, y_query).sum(0).detach().split(self.scope.size)
+        total = torch.zeros(x_train.shape, dtype=self.dtype)
+        for model, target in zip(self._models(), targets, strict=True):  # TracIn: one block per checkpoint
+            x = x_train.to(self.device, self.dtype).detach().requires_grad_(True)
+            with torch.enable_grad():
+                loss = ce_per_sample(model(x), y_train.to(self.device)).sum()
+                g = torch.autograd.grad(loss, self._scope_parameters(model), create_graph=True)
+                flat = torch.cat([t.reshape(-1) for t in g])
+                # each training image's own gradient: the sum over the batch separates (images do not interact)
+                (gx,) = torch.autograd.grad(flat @ target * self.scale, x)
+            total += gx.detach().cpu()
+        if not torch.isfinite(total).all():
             raise NonFiniteError(f"{type(self).__name__}: non-finite input gradient of the influence")
-        return gx.detach().cpu()
+        return total

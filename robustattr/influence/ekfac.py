@@ -117,14 +117,14 @@ class EKFACInfluence(Influence):
 
         return ScoreArguments(damping_factor=self.damping)
 
-    def _input_gradient_unsupported(self):
+    def _no_explicit_inverse(self):
         raise ConfigError(
-            "EKFACInfluence: kronfluence applies its inverse only inside its score computations, so input gradients "
-            "(I_pert,loss) need ExactInfluence or CGInfluence"
+            "EKFACInfluence: kronfluence applies its inverse only inside its score computations, so query vectors and "
+            "input gradients (I_pert,loss) need ExactInfluence or CGInfluence"
         )
 
     def query_vectors(self, x, y):
-        self._input_gradient_unsupported()
+        self._no_explicit_inverse()
 
     def scores(self, x, y):
         self._require_fitted()
@@ -152,7 +152,7 @@ class EKFACInfluence(Influence):
         return self._result(values.float().cpu())
 
     def input_gradient(self, x_query, y_query, x_train, y_train):
-        self._input_gradient_unsupported()
+        self._no_explicit_inverse()
 
     @property
     def files(self) -> Path:

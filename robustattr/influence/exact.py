@@ -52,7 +52,8 @@ class ExactInfluence(Influence):
     def settings(self):
         return {**super().settings(), "curvature": self.curvature}
 
-    def _flat_loss(self, x, y):
+    def _logits_of(self, x):
+        """The network's logits on ``x`` as a function of the flattened scope parameters."""
         names = self.scope.names
         shapes = [p.shape for _, p in self.scope.parameters]
         sizes = [s.numel() for s in shapes]
@@ -69,7 +70,7 @@ class ExactInfluence(Influence):
         return torch.cat([p.detach().reshape(-1) for _, p in self.scope.parameters])
 
     def _batch_curvature(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = self._flat_loss(x, y)
+        logits = self._logits_of(x)
         theta = self._theta()
         if self.curvature == "ggn":
             out = logits(theta)

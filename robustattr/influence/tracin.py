@@ -19,7 +19,7 @@ from torch import nn
 
 from robustattr.checkpoint import check_finite, checkpoint_config, classifier_from_checkpoint
 from robustattr.errors import ConfigError, RobustAttrError
-from robustattr.influence.base import Influence, ce_per_sample
+from robustattr.influence.base import Influence
 from robustattr.models.weights import load_weights, safe_torch_load
 
 
@@ -106,36 +106,10 @@ class TracIn(Influence):
             self.models.append(net)
             self.learning_rates.append(lr)
 
-    def _train_vectors(self, x, y):
-        return torch.cat([self.gradients(x, y, model=m) for m in self.models], 1)
+    def _models(self):
+        return self.models
 
-    def _weighted(self, g: torch.Tensor) -> torch.Tensor:
-        size = self.scope.size
-        return torch.cat([lr * g[:, i * size : (i + 1) * size] for i, lr in enumerate(self.learning_rates)], 1)
-
-    def query_vectors(self, x, y):
-        return self._weighted(self._train_vectors(x, y))
-
-    def _self_inverse(self, g):
-        return self._weighted(g)
-
-    def input_gradient(self, x_query, y_query, x_train, y_train):
-        """The gradient of the TracIn score with respect to each training image (summed over the queries and the
-        checkpoints)."""
-        self._require_fitted()
-        self._check_fits(x_query, y_query)
-        self._check_fits(x_train, y_train)
-        size = self.scope.size
-        target = self.query_vectors(x_query, y_query).sum(0).detach()
-        total = torch.zeros_like(x_train, dtype=self.dtype)
-        for i, m in enumerate(self.models):
-            x = x_train.to(self.device, self.dtype).detach().requires_grad_(True)
-            order = {n: p for n, p in m.named_parameters()}
-            params = [order[n] for n in self.scope.names]
-            with torch.enable_grad():
-                loss = ce_per_sample(m(x), y_train.to(self.device)).sum()
-                g = torch.autograd.grad(loss, params, create_graph=True)
-                flat = torch.cat([t.reshape(-1) for t in g])
-                (gx,) = torch.autograd.grad(flat @ target[i * size : (i + 1) * size], x)
-            total += gx.detach().cpu()
-        return total
+    def _inverse(self, vectors):
+        """TracIn has no Hessian: each checkpoint's block of the vector is weighted by its learning rate."""
+        blocks = vectors.split(self.scope.size, dim=1)
+        return torch.cat([lr * b for lr, b in zip(self.learning_rates, blocks, strict=True)], 1)

@@ -42,7 +42,7 @@ from robustattr.audit.sections.base import (
 )
 from robustattr.metrics import functional as M
 from robustattr.models.activations import needs_smooth_surrogate
-from robustattr.viz import figure, heatmap, panel_figure, style
+from robustattr.viz import figure, grid, heatmap, panel_figure, style
 
 MAP_METRICS = ("topk_intersection", "spearman", "kendall", "center_shift", "cosine_distance")
 STYLES = ["-", "--", ":", "-."]
@@ -184,12 +184,9 @@ class ExplanationFragility(Section):
         out = Rendered()
         first = next(iter(results.values()))
         methods = list(first["methods"])
-        cols = min(3, len(methods))
-        nrows = (len(methods) + cols - 1) // cols
         with style():
-            fig = figure(2.8 * cols + 2.6, 2.7 * nrows)
-            axes = fig.subplots(nrows, cols, squeeze=False).flatten()
-            for ax, method in zip(axes, methods, strict=False):
+            fig, axes = grid(len(methods), 3, 2.8, 2.7, extra_width=2.6)
+            for ax, method in zip(axes, methods, strict=True):
                 for k, (name, r) in enumerate(results.items()):
                     eps = [e * 255 for e in r["epsilons"]]
                     for j, (attack, v) in enumerate(r["methods"][method].items()):
@@ -201,8 +198,6 @@ class ExplanationFragility(Section):
             axes[0].set_ylabel("top-k intersection")
             handles, labels = axes[0].get_legend_handles_labels()
             fig.legend(handles, labels, loc="outside right upper")
-            for ax in axes[len(methods) :]:
-                ax.axis("off")
         out.figures.append(("fragility vs epsilon per method (top-k intersection; higher is more robust)", fig))
         header = ["model", "method", "attack", "epsilon", *MAP_METRICS, "label kept", "AUC cosine dist."]
         rows = [
@@ -273,15 +268,10 @@ class AttributionTransfer(Section):
 
     def render(self, results, context):
         out = Rendered()
-        cols = min(2, len(results))
-        rows = (len(results) + cols - 1) // cols
         with style():
-            fig = figure(4.8 * cols, 4.2 * rows)
-            axes = fig.subplots(rows, cols, squeeze=False).flatten()
-            for ax, (name, r) in zip(axes, results.items(), strict=False):
+            fig, axes = grid(len(results), 2, 4.8, 4.2)
+            for ax, (name, r) in zip(axes, results.items(), strict=True):
                 heatmap(ax, r["topk_intersection"], r["methods"], r["methods"], f"{name}, {eps_label(r['epsilon'])}")
-            for ax in axes[len(results) :]:
-                ax.axis("off")
         out.figures.append(("top-k intersection when crafted against one method and measured on another", fig))
         out.say("Rows: crafted against; columns: measured on.")
         for name, r in results.items():

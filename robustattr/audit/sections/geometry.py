@@ -14,7 +14,7 @@ from robustattr.attributions import IntegratedGradients
 from robustattr.audit.sections.base import Rendered, Section, Table, device_of, eps_label, mean, predict
 from robustattr.errors import ConfigError
 from robustattr.metrics import top_hessian_eigenvalue
-from robustattr.viz import figure, image_array, style
+from robustattr.viz import figure, grid, image_array, style
 
 
 class Curvature(Section):
@@ -122,15 +122,10 @@ class ExplainingAway(Section):
 
     def render(self, results, context):
         out = Rendered()
-        cols = min(2, len(results))
-        nrows = (len(results) + cols - 1) // cols
         with style():
-            fig = figure(4.8 * cols, 3.8 * nrows)
-            axes = fig.subplots(nrows, cols, squeeze=False).flatten()
-            for ax in axes[len(results) :]:
-                ax.axis("off")
+            fig, axes = grid(len(results), 2, 4.8, 3.8)
             bins = np.linspace(-1, 1, 31)
-            for ax, (name, r) in zip(axes, results.items(), strict=False):
+            for ax, (name, r) in zip(axes, results.items(), strict=True):
                 ax.hist(r["clean"]["coherence"], bins=bins, alpha=0.5, label="clean")
                 for mode in ("random", "runner_up"):
                     ax.hist(r[mode]["coherence"], bins=bins, alpha=0.5, label=f"targeted BIM, {mode.replace('_', '-')}")
