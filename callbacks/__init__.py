@@ -7,6 +7,7 @@ from robustattr.callbacks.base import AttackCallback
 from robustattr.callbacks.checkpoint import LastCheckpoint
 from robustattr.callbacks.curvature import CurvatureMonitor
 from robustattr.callbacks.fragility import FragilityValidation
+from robustattr.callbacks.influence import SelfInfluenceMonitor
 from robustattr.callbacks.panels import AttributionPanels
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "CurvatureMonitor",
     "FragilityValidation",
     "LastCheckpoint",
+    "SelfInfluenceMonitor",
 ]

@@ -23,6 +23,16 @@ class OfflineRun:
     config: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[dict[str, Any]] = field(default_factory=list)  # staged for `wandb sync` (tables with media)
+
+    def artifact_files(self, path: str) -> list[dict[str, Any]]:
+        """The manifest entries (``path``, ``local_path``, ...) of the staged artifact holding the file ``path``
+        (a table's ``<key>.table.json``, with the images of its cells), or [] if none does."""
+        for artifact in self.artifacts:
+            contents = artifact.get("manifest", {}).get("contents", [])
+            if any(entry.get("path") == path for entry in contents):
+                return contents
+        return []
 
     def values(self, key: str) -> list[Any]:
         """Every logged value of ``key``, in step order."""
@@ -66,6 +76,8 @@ def read_offline_run(path: str | Path, timeout: float = 120.0) -> OfflineRun:
             run.config.update(record["config"]["update"])
         elif kind == "history":
             run.history.append(record["history"]["item"])
+        elif kind == "artifact":
+            run.artifacts.append(record["artifact"])
         elif kind == "summary":
             run.summary.update(record["summary"].get("update", {}))
     return run

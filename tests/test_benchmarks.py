@@ -24,3 +24,16 @@ def test_gpu_throughput_runs_on_the_cpu_at_tiny_sizes(tmp_path):
     settings = {(r["model"], r["precision"], r["channels_last"]) for r in saved["rows"]}
     assert len(settings) == 2 * 2 * 2 and len(saved["rows"]) == 8 * len(workloads)
     assert all(row["images_per_second"] > 0 for row in saved["rows"])
+
+
+@pytest.mark.slow
+def test_influence_fragility_by_training_runs_at_tiny_sizes(tmp_path):
+    import influence_fragility_by_training as bench
+
+    out = tmp_path / "by_training.json"
+    report = bench.main(["--epochs", "1", "--queries", "4", "--work", str(tmp_path / "runs"), "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["most_stable"] == report["most_stable"] in {"plain", "ssr", "pgd_at"}
+    for key in ("top5_overlap", "spearman"):
+        assert set(saved[key]) == {"plain", "ssr", "pgd_at"}
+        assert all(len(v["targeted"]) == len(v["random_sign"]) == 3 for v in saved[key].values())

@@ -8,6 +8,7 @@ import json
 import platform
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from robustattr.audit.cache import ResultCache, code_version, data_fingerprint, 
 from robustattr.audit.loading import AuditedModel, load_model
 from robustattr.audit.progress import progress_display
 from robustattr.audit.sections import AuditData, RenderContext, Section
+from robustattr.audit.sections.base import TrainingData
 from robustattr.data.base import seeded_subset
 from robustattr.errors import ConfigError, exit_with_error, find_user_error
 from robustattr.files import atomic_write
@@ -40,14 +42,22 @@ def build_data(
     ``from_checkpoint``: the description came from a checkpoint, whose settings are data, not actions: the
     DataModule is built through the trusted-imports gate and never downloads (a missing dataset ends in its
     one-line error saying how to get it)."""
-    datamodule = instantiate_trusted(data, pl.LightningDataModule, source, trusted_prefixes)
-    if from_checkpoint and getattr(datamodule, "download", False):
-        datamodule.download = False
-    datamodule.prepare_data()  # a missing dataset ends here, in one clear error
+    datamodule = build_datamodule(data, source, trusted_prefixes, from_checkpoint)
     datamodule.setup("test" if split == "test" else "validate")
     dataset = (datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()).dataset
     x, y = seeded_subset(dataset, num_samples, seed)
     return AuditData(x=x, y=y, batch_size=batch_size, seed=seed)
+
+
+def build_datamodule(
+    data: dict[str, Any], source: str, trusted_prefixes: Sequence[str] = (), from_checkpoint: bool = False
+) -> pl.LightningDataModule:
+    """The DataModule ``data`` describes, through the trusted-imports gate; from a checkpoint it never downloads."""
+    datamodule = instantiate_trusted(data, pl.LightningDataModule, source, trusted_prefixes)
+    if from_checkpoint and getattr(datamodule, "download", False):
+        datamodule.download = False
+    datamodule.prepare_data()  # a missing dataset ends here, in one clear error
+    return datamodule
 
 
 def versions() -> dict[str, str]:
@@ -139,17 +149,31 @@ def run_audit(
         "device": str(torch_device),
         "dtype": dtype,
     }  # fmt: skip
+    training: dict[str, TrainingData] = {}
+    for m in models:  # each checkpoint's own training split (its stored data settings), built on first use
+        own = (m.config or {}).get("data")
+        training[m.name] = TrainingData(
+            own or data_config,
+            lambda config, own=own, path=str(m.path): build_datamodule(
+                config, path if own else source, prefixes, from_checkpoint=bool(own) or not data
+            ),
+        )
     results: dict[str, Any] = {}
     timings: dict[str, dict[str, Any]] = {}
     with progress_display() as progress:
         for section in sections:
             if section.name in results:
                 raise ConfigError(f"the section {section.name!r} is listed twice")
+            if section.uses_training and section.cross_model:
+                raise ConfigError(f"{type(section).__name__}: a section reading training data runs per checkpoint")
             jobs = [(None, [m.sha256 for m in models])] if section.cross_model else [(m, [m.sha256]) for m in models]
             results[section.name] = {}
             for model, hashes in jobs:
                 label = section.name if model is None else f"{section.name} [{model.name}]"
-                key = key_of([section.name, fingerprint(section), hashes, common])
+                parts = [section.name, fingerprint(section), hashes, common]
+                if section.uses_training:
+                    parts.append({"training": training[model.name].config})
+                key = key_of(parts)
                 result = cache.load(section.name, key)
                 if result is not None:
                     progress.add_task(label, total=1, completed=1, cached=True)
@@ -163,10 +187,17 @@ def run_audit(
                             {m.name: m.model for m in models}, audit_data, lambda k, t=task: progress.advance(t, k)
                         )
                     else:
-                        result = section.run(model.model, audit_data, lambda k, t=task: progress.advance(t, k))
+                        data_for = (
+                            replace(audit_data, training=training[model.name]) if section.uses_training else audit_data
+                        )
+                        result = section.run(model.model, data_for, lambda k, t=task: progress.advance(t, k))
                     seconds = time.perf_counter() - start
                     cache.store(section.name, key, result, seconds)
                     timings[label] = {"seconds": round(seconds, 3), "cached": False}
+                    if isinstance(result.get("cost"), dict):  # a section that times its parts: say what each took
+                        progress.note(
+                            f"{label}: " + ", ".join(f"{part} {s:.1f} s" for part, s in result["cost"].items())
+                        )
                 if model is None:
                     results[section.name] = result
                 else:
@@ -185,7 +216,7 @@ def run_audit(
     if html or wandb:
         from robustattr.audit.report import write_html, write_wandb
 
-        context = RenderContext({m.name: m.model for m in models}, audit_data)
+        context = RenderContext({m.name: m.model for m in models}, audit_data, training)
         figures, parts = write_html(report, sections, context, out_dir / "report.html", tradeoff_epsilon)
         if not html:
             (out_dir / "report.html").unlink()

@@ -57,6 +57,9 @@ class PlainProgress:
             self._print(f"{t['label']}: {t['done']}/{t['total']} ({100 * t['done'] // t['total']}%), "
                         f"{_clock(elapsed)} elapsed, {end}")  # fmt: skip
 
+    def note(self, line: str) -> None:
+        self._print(line)
+
     def _print(self, line: str) -> None:
         self.stream.write(line + "\n")
         self.stream.flush()
@@ -83,6 +86,9 @@ class RichProgress:
 
     def advance(self, task: int, amount: int = 1) -> None:
         self.progress.advance(task, amount)
+
+    def note(self, line: str) -> None:
+        self.progress.console.print(escape(line))
 
 
 def progress_display(stream: TextIO | None = None, every: float = 10.0) -> PlainProgress | RichProgress:

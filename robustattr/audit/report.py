@@ -18,18 +18,35 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from robustattr.audit.sections import ExplanationFragility, RobustnessCurves
-from robustattr.audit.sections.base import RenderContext, Rendered, Section, Table, eps_label
+from robustattr.audit.sections.base import RenderContext, Rendered, Section, Table, Thumbnail, eps_label
 from robustattr.files import atomic_write
 from robustattr.viz import figure, png, style
 
 STYLE = """body{font-family:sans-serif;max-width:1120px;margin:2em auto;color:#222;line-height:1.4}
 table{border-collapse:collapse;font-size:13px;margin:0.6em 0}td,th{border:1px solid #ccc;padding:2px 6px}
 th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%}
-h2{border-bottom:1px solid #ddd;margin-top:2em}caption{text-align:left;font-size:13px;color:#555;padding:2px}"""
+h2{border-bottom:1px solid #ddd;margin-top:2em}caption{text-align:left;font-size:13px;color:#555;padding:2px}
+td.t{text-align:center;font-size:11px}td.t img{width:56px;height:56px;image-rendering:pixelated;display:block;
+margin:auto}"""
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 
 
+def thumbnail_png(thumb: Thumbnail) -> bytes:
+    from PIL import Image
+
+    array = np.clip(np.asarray(thumb.image, dtype=np.float64), 0, 1)
+    image = Image.fromarray((array * 255).round().astype(np.uint8))
+    image.thumbnail((112, 112))  # large images shrink to thumbnails; small ones stay as they are
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def cell(value: Any) -> str:
+    if isinstance(value, Thumbnail):
+        data = base64.b64encode(thumbnail_png(value)).decode()
+        caption = html.escape(value.caption)
+        return f"<img alt='{caption}' src='data:image/png;base64,{data}'>{caption}"
     if isinstance(value, bool) or value is None:
         return html.escape(str(value)) if value is not None else "n/a"
     if isinstance(value, float):
@@ -42,7 +59,8 @@ def table_html(table: Table) -> str:
 
     def td(v: Any) -> str:
         numeric = isinstance(v, int | float) and not isinstance(v, bool)
-        return f"<td class='n'>{cell(v)}</td>" if numeric else f"<td>{cell(v)}</td>"
+        kind = " class='n'" if numeric else (" class='t'" if isinstance(v, Thumbnail) else "")
+        return f"<td{kind}>{cell(v)}</td>"
 
     body = "".join("<tr>" + "".join(td(v) for v in row) + "</tr>" for row in table.rows)
     caption = f"<caption>{html.escape(table.title)}</caption>" if table.title else ""
@@ -183,6 +201,11 @@ def write_wandb(report: dict, out_dir: Path, figures: dict[str, bytes], parts: l
     import wandb
     from PIL import Image
 
+    def media(v: Any) -> Any:
+        if isinstance(v, Thumbnail):
+            return wandb.Image(Image.open(io.BytesIO(thumbnail_png(v))), caption=v.caption)
+        return v if isinstance(v, int | float | str) else str(v)
+
     run = wandb.init(project="robustattr-audit", dir=str(out_dir), mode="offline", config={"audit": report["config"]})
     try:
         rows = []
@@ -199,7 +222,7 @@ def write_wandb(report: dict, out_dir: Path, figures: dict[str, bytes], parts: l
         run.log({"audit/numbers": wandb.Table(columns=["name", "value"], data=rows)})
         for title, part in parts:
             for i, table in enumerate(part.tables):
-                data = [[v if isinstance(v, int | float | str) else str(v) for v in row] for row in table.rows]
+                data = [[media(v) for v in row] for row in table.rows]
                 run.log({f"audit/tables/{title}/{i}": wandb.Table(columns=table.header, data=data)})
         for title, data in figures.items():
             run.log({f"audit/figures/{title}": wandb.Image(Image.open(io.BytesIO(data)))})

@@ -45,6 +45,11 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
         return dataset.tensors[1].long()
     if isinstance(dataset, Subset):
         return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.long)]
+    if isinstance(dataset, NoisyLabels):
+        labels = dataset_labels(dataset.dataset).clone()
+        for index, label in dataset.labels.items():
+            labels[index] = label
+        return labels
     targets = getattr(dataset, "targets", None)
     if targets is not None:
         return torch.as_tensor(targets, dtype=torch.long)

@@ -240,6 +240,27 @@ class Influence:
                                len(self.train))  # fmt: skip
         return self._result(values[:, 0].contiguous().cpu())
 
+    def training_signals(self) -> dict[str, torch.Tensor]:
+        """The three rankings label checking compares, per training point (n,): ``self_influence`` (as
+        `self_influence`), ``loss`` (its cross-entropy under the fitted model) and ``gradient_norm`` (the norm of
+        its loss gradient over the scope; TracIn: over every checkpoint's block, learning-rate weighted)."""
+        self._require_fitted()
+        parts, indices = [], []
+        for idx, xb, yb in self._stream():
+            g = self._train_vectors(xb, yb)
+            with torch.no_grad():
+                loss = ce_per_sample(self.model(xb.to(self.device, self.dtype)), yb.to(self.device))
+            parts.append(torch.stack([loss.to(g.dtype), self._weighted_norm(g)], 1))
+            indices.append(idx)
+        local = torch.cat(parts) if parts else torch.zeros(0, 2, dtype=self.dtype)
+        values = D.gather_rows(local, torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
+                               len(self.train)).cpu()  # fmt: skip
+        return {"self_influence": self.self_influence().values, "loss": values[:, 0].contiguous(),
+                "gradient_norm": values[:, 1].contiguous()}  # fmt: skip
+
+    def _weighted_norm(self, g: torch.Tensor) -> torch.Tensor:
+        return g.norm(dim=1)
+
     def top_k(self, x: torch.Tensor, y: torch.Tensor, k: int = 10) -> TopK:
         """The ``k`` most helpful (proponents) and most harmful (opponents) training points of each query."""
         if k < 1:
@@ -260,17 +281,39 @@ class Influence:
         self._require_fitted()
         self._check_fits(x_query, y_query)
         self._check_fits(x_train, y_train)
-        targets = self.query_vectors(x_query, y_query).sum(0).detach().split(self.scope.size)
-        total = torch.zeros(x_train.shape, dtype=self.dtype)
-        for model, target in zip(self._models(), targets, strict=True):  # TracIn: one block per checkpoint
-            x = x_train.to(self.device, self.dtype).detach().requires_grad_(True)
+        target = self.query_vectors(x_query, y_query).sum(0).detach()
+        return self.pair_input_gradient(x_train, y_train, target.expand(len(x_train), -1)) * self.scale
+
+    def pair_input_gradient(
+        self, x: torch.Tensor, y: torch.Tensor, vectors: torch.Tensor, direction: bool = False
+    ) -> torch.Tensor:
+        """For each image ``x[i]`` (label ``y[i]``), the gradient with respect to ``x[i]`` of ``grad L(z_i) .
+        vectors[i]`` (its loss gradient over the scope, every checkpoint's block for TracIn, against its own
+        vector), (B, C, H, W), batched with torch.func. The score of a point on fixed training (or query) vectors
+        is this dot product up to the scale, so this is the input gradient of influence on either side.
+        ``direction``: of ``grad L(z_i) / |grad L(z_i)| . vectors[i]`` instead (blocks normalised one by one): what
+        decides the ranking of training points for a query, whatever the size of its loss gradient."""
+        self._require_fitted()
+        names = self.scope.names
+        x = x.to(self.device, self.dtype).detach()
+        y = y.to(self.device)
+        blocks = vectors.to(self.device, self.dtype).split(self.scope.size, dim=1)
+        total = torch.zeros(x.shape, dtype=self.dtype)
+        for model, block in zip(self._models(), blocks, strict=True):  # TracIn: one block per checkpoint
+            params = {n: p.detach() for n, p in zip(names, self._scope_parameters(model), strict=True)}
+
+            def dot(xi, yi, vi, model=model, params=params):
+                def loss(theta):
+                    return ce_per_sample(functional_call(model, theta, (xi.unsqueeze(0),)), yi.unsqueeze(0)).sum()
+
+                g = grad(loss)(params)
+                flat = torch.cat([g[n].reshape(-1) for n in names])
+                if direction:
+                    flat = flat / flat.norm().clamp_min(torch.finfo(flat.dtype).tiny)
+                return flat @ vi
+
             with torch.enable_grad():
-                loss = ce_per_sample(model(x), y_train.to(self.device)).sum()
-                g = torch.autograd.grad(loss, self._scope_parameters(model), create_graph=True)
-                flat = torch.cat([t.reshape(-1) for t in g])
-                # each training image's own gradient: the sum over the batch separates (images do not interact)
-                (gx,) = torch.autograd.grad(flat @ target * self.scale, x)
-            total += gx.detach().cpu()
+                total += vmap(grad(dot))(x, y, block).detach().cpu()
         if not torch.isfinite(total).all():
             raise NonFiniteError(f"{type(self).__name__}: non-finite input gradient of the influence")
         return total

@@ -113,3 +113,10 @@ class TracIn(Influence):
         """TracIn has no Hessian: each checkpoint's block of the vector is weighted by its learning rate."""
         blocks = vectors.split(self.scope.size, dim=1)
         return torch.cat([lr * b for lr, b in zip(self.learning_rates, blocks, strict=True)], 1)
+
+    def _weighted_norm(self, g):
+        """TracIn's gradient-norm signal: ``sqrt(sum_i lr_i |grad l(w_i, z)|^2)`` over the checkpoints."""
+        blocks = g.split(self.scope.size, dim=1)
+        return (
+            torch.stack([lr * b.pow(2).sum(1) for lr, b in zip(self.learning_rates, blocks, strict=True)]).sum(0).sqrt()
+        )

@@ -3,6 +3,7 @@
 from robustattr.audit.sections.base import AuditData, RenderContext, Rendered, Section, Table
 from robustattr.audit.sections.explanations import AttributionTransfer, ExplanationFragility, SmoothingWithoutRetraining
 from robustattr.audit.sections.geometry import Curvature, ExplainingAway, SemanticDirections
+from robustattr.audit.sections.influence import InfluenceAudit
 from robustattr.audit.sections.predictions import RobustnessCurves, Transferability
 
 __all__ = [
@@ -11,6 +12,7 @@ __all__ = [
     "Curvature",
     "ExplainingAway",
     "ExplanationFragility",
+    "InfluenceAudit",
     "RenderContext",
     "Rendered",
     "RobustnessCurves",

@@ -14,12 +14,43 @@ import html
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import nn
 
 Progress = Callable[[int], None]
+
+
+class TrainingData:
+    """The training split a checkpoint was trained on, as evaluation sees it (no augmentation, with its planted
+    label noise): built on first use from ``config`` (the checkpoint's own stored data settings, or the audit's
+    ``data``) by ``build`` (the engine's trusted, never-downloading DataModule factory)."""
+
+    def __init__(self, config: dict[str, Any], build: Callable[[dict[str, Any]], Any]) -> None:
+        self.config = config
+        self._build = build
+        self._datamodule = None
+        self._training_set = None
+
+    def datamodule(self):
+        if self._datamodule is None:
+            self._datamodule = self._build(self.config)
+        return self._datamodule
+
+    def training_set(self):
+        from robustattr.influence import TrainingSet
+
+        if self._training_set is None:
+            self._training_set = TrainingSet.from_datamodule(self.datamodule())
+        return self._training_set
+
+    def flipped_labels(self) -> dict[int, tuple[int, int]]:
+        """Training index -> (original, planted) label of each planted flip (empty without planted noise)."""
+        flips = getattr(self.datamodule(), "flipped_labels", None)
+        return flips() if flips is not None else {}
 
 
 @dataclass
@@ -28,6 +59,7 @@ class AuditData:
     y: torch.Tensor
     batch_size: int
     seed: int
+    training: TrainingData | None = None  # for sections with uses_training: the audited checkpoint's training split
 
     def batches(self, limit: int | None = None, copies: int = 1) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Chunks of the first ``limit`` samples, numbered (the seed of each chunk's randomness is seed + number).
@@ -43,6 +75,20 @@ class AuditData:
     def count(self, limit: int | None = None, copies: int = 1) -> int:
         n = len(self.x) if limit is None else min(limit, len(self.x))
         return math.ceil(n / max(1, self.batch_size // copies))
+
+
+@dataclass
+class Thumbnail:
+    """An image in a table cell (HTML: an inline PNG with its caption; W&B: a wandb.Image)."""
+
+    image: np.ndarray  # (H, W) or (H, W, C) in [0, 1]
+    caption: str = ""
+
+    @classmethod
+    def of(cls, t: torch.Tensor, caption: str = "") -> Thumbnail:
+        from robustattr.viz import image_array
+
+        return cls(image_array(t), caption)
 
 
 @dataclass
@@ -66,10 +112,12 @@ class Rendered:
 
 @dataclass
 class RenderContext:
-    """What a section may use to draw beyond its results: the audited networks (eval mode) and the subset."""
+    """What a section may use to draw beyond its results: the audited networks (eval mode), the subset, and each
+    checkpoint's training split (`TrainingData`, for sections with ``uses_training``)."""
 
     models: dict[str, nn.Module]
     data: AuditData
+    training: dict[str, TrainingData] = field(default_factory=dict)
 
 
 class Section:
@@ -78,6 +126,7 @@ class Section:
     name = "section"
     title = "section"
     cross_model = False
+    uses_training = False  # run() reads data.training: the audited checkpoint's own training split
 
     def work(self, data: AuditData) -> int:
         """Units of progress (for the progress display)."""

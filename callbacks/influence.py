@@ -1,0 +1,164 @@
+"""Noisy labels while training: the training points of highest self-influence, logged every few epochs."""
+
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_info
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from robustattr.data.base import dataset_labels
+from robustattr.errors import ConfigError
+from robustattr.influence import distributed as D
+from robustattr.influence.analysis import found_curve
+from robustattr.viz import image_array
+
+
+def _collate(batch):
+    return torch.stack([torch.as_tensor(b[0]) for b in batch]), torch.as_tensor([int(b[1]) for b in batch])
+
+
+class SelfInfluenceMonitor(pl.Callback):
+    """Every ``every_n_epochs`` validation epochs, the TracIn self-influence of every training point over the last
+    linear layer, accumulated over the run's own snapshots: at each run of the callback ``t`` (a checkpoint of
+    TracInCP), ``lr_t |grad_theta l(w_t, z)|^2`` is added for each training point ``z``, with ``lr_t`` the
+    optimizer's current learning rate and theta the last ``nn.Linear``; for it the squared per-sample gradient
+    norm has the closed form ``|softmax - onehot|^2 (|a|^2 + 1)`` (``a`` the layer's input), so one forward pass
+    over the training set (eval mode, no augmentation, the labels it is trained on) is the whole cost. After the
+    first run the ranking is the gradient norm's; later runs add the history TracIn sums over.
+
+    Logs ``train/self_influence_table`` (W&B, rank 0): the ``top`` training images with index, training label,
+    original label where a flip was planted, and score; ``train/self_influence/found_at_10`` and ``..._20`` (the
+    share of the planted flips among the top 10% and 20%) when the DataModule planted label noise; and
+    ``time/self_influence`` (seconds), printed with its share of the last training epoch. Under DDP each
+    process takes a shard of the training set and the scores are gathered."""
+
+    def __init__(self, every_n_epochs: int = 5, top: int = 16, batch_size: int = 512) -> None:
+        super().__init__()
+        if every_n_epochs < 1 or top < 1 or batch_size < 1:
+            raise ConfigError("SelfInfluenceMonitor: every_n_epochs, top and batch_size must be positive")
+        self.every_n_epochs = every_n_epochs
+        self.top = top
+        self.batch_size = batch_size
+        self.scores: torch.Tensor | None = None  # accumulated TracIn self-influence (n,)
+        self.snapshots = 0
+        self.last_seconds: float | None = None
+        self._epoch_start: float | None = None
+        self._epoch_seconds: float | None = None
+
+    # TracIn's sum over snapshots is this callback's state: a resumed run continues it
+    def state_dict(self) -> dict:
+        return {"scores": self.scores, "snapshots": self.snapshots}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.scores = state_dict.get("scores")
+        self.snapshots = int(state_dict.get("snapshots", 0))
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._epoch_start is not None:
+            self._epoch_seconds = time.perf_counter() - self._epoch_start
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != "fit":
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs != 0:
+            return
+        self.run(trainer, pl_module)
+
+    @staticmethod
+    def _last_linear(module: nn.Module) -> nn.Linear:
+        linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ConfigError("SelfInfluenceMonitor: the network has no nn.Linear layer (its last layer is scored)")
+        return linears[-1]
+
+    def _dataset(self, trainer: pl.Trainer):
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "plain_split"):
+            raise ConfigError("SelfInfluenceMonitor: needs a robustattr DataModule (plain_split of the training set)")
+        return datamodule, datamodule.plain_split("train")
+
+    @torch.no_grad()
+    def _squared_norms(self, pl_module: pl.LightningModule, dataset, indices: torch.Tensor) -> torch.Tensor:
+        layer = self._last_linear(pl_module)
+        captured: list[torch.Tensor] = []
+        handle = layer.register_forward_hook(lambda mod, inputs, out: captured.append(inputs[0].detach()))
+        # its own generator: a DataLoader otherwise draws its base seed from the global RNG, and a monitor must not
+        # change the training run's shuffling (the trajectory after the first snapshot)
+        loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=self.batch_size, shuffle=False,
+                            collate_fn=_collate, generator=torch.Generator())  # fmt: skip
+        parts = []
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            for x, y in loader:
+                captured.clear()
+                logits = pl_module(x.to(pl_module.device, pl_module.dtype)).float()
+                a = captured[-1].float().flatten(1)
+                residual = logits.softmax(1) - F.one_hot(y.to(logits.device), logits.shape[1]).float()
+                bias = 1.0 if layer.bias is not None else 0.0
+                parts.append(residual.pow(2).sum(1) * (a.pow(2).sum(1) + bias))
+        finally:
+            handle.remove()
+            pl_module.train(was_training)
+        return torch.cat(parts) if parts else torch.zeros(0, device=pl_module.device)
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.Tensor:
+        start = time.perf_counter()
+        datamodule, dataset = self._dataset(trainer)
+        n = len(dataset)
+        local = D.shard(n)
+        norms = self._squared_norms(pl_module, dataset, local)
+        values = D.gather_rows(norms.double().unsqueeze(1), local.to(norms.device), n)[:, 0].cpu()
+        lr = float(trainer.optimizers[0].param_groups[0]["lr"]) if trainer.optimizers else 1.0
+        if self.scores is None or len(self.scores) != n:
+            self.scores = torch.zeros(n, dtype=torch.float64)
+            self.snapshots = 0
+        self.scores = self.scores + lr * values
+        self.snapshots += 1
+        flips = datamodule.flipped_labels() if hasattr(datamodule, "flipped_labels") else {}
+        if flips:
+            flipped = torch.zeros(n, dtype=torch.bool)
+            flipped[list(flips)] = True
+            found = found_curve(self.scores, flipped, fractions=(0.1, 0.2))["found_at"]
+            pl_module.log("train/self_influence/found_at_10", found["10"], sync_dist=False)
+            pl_module.log("train/self_influence/found_at_20", found["20"], sync_dist=False)
+        if trainer.is_global_zero:
+            self._log_table(trainer, dataset, dataset_labels(dataset), flips)
+        self.last_seconds = time.perf_counter() - start
+        pl_module.log("time/self_influence", self.last_seconds, sync_dist=False)
+        share = ""
+        if self._epoch_seconds:
+            ratio = self.last_seconds / self._epoch_seconds
+            amortised = ratio / self.every_n_epochs
+            share = (f", {ratio:.1%} of the last training epoch ({amortised:.1%} of the training time at every "
+                     f"{self.every_n_epochs} epochs)")  # fmt: skip
+        rank_zero_info(
+            f"SelfInfluenceMonitor: {self.last_seconds:.2f} s on {n} training points{share} "
+            f"(epoch {trainer.current_epoch}, {self.snapshots} snapshot(s))"
+        )
+        return self.scores
+
+    def _log_table(self, trainer, dataset, labels, flips) -> None:
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if not loggers:
+            return
+        import wandb
+
+        top = self.scores.topk(min(self.top, len(self.scores)))
+        rows = []
+        for index, score in zip(top.indices.tolist(), top.values.tolist(), strict=True):
+            image = image_array(torch.as_tensor(dataset[index][0]))
+            original = flips[index][0] if index in flips else None
+            rows.append([wandb.Image(image), index, int(labels[index]), original, index in flips, score])
+        columns = ["image", "index", "label", "original label", "flipped", "self-influence"]
+        for logger in loggers:
+            logger.log_table(key="train/self_influence_table", columns=columns, data=rows)
