@@ -276,3 +276,42 @@ def test_the_monitor_logs_the_flips_while_training_and_leaves_the_run_unchanged(
     (table,) = with_monitor.media("train/self_influence_table")[-1:]
     files = with_monitor.artifact_files(table["_latest_artifact_path"].split(":latest/")[1])
     assert sum(f["path"].endswith(".png") for f in files) >= 8
+
+
+@pytest.mark.slow
+def test_the_influence_report_in_chromium(noisy, tmp_path):
+    """report.html as readers see it: every figure and thumbnail loaded, figures at their own size, thumbnails
+    enlarged without smoothing; a screenshot is kept next to the report."""
+    from tests.test_report_browser import CHROMIUM, DRIVER
+
+    if not (CHROMIUM and DRIVER):
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1000"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+    try:
+        driver.get((noisy["out"] / "report.html").as_uri())
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.alt, i.complete, i.naturalWidth, i.width, "
+            "i.closest('td') !== null])"
+        )
+        text = driver.execute_script("return document.body.innerText")
+        driver.save_screenshot(str(noisy["out"] / "report.png"))
+    finally:
+        driver.quit()
+    figures = [i for i in images if not i[4]]
+    thumbnails = [i for i in images if i[4]]
+    assert len(figures) == 2 and len(thumbnails) >= 8 * 11 + 16
+    for alt, complete, natural, shown, _ in images:
+        assert complete and natural > 0, alt
+    assert all(shown == natural for _, _, natural, shown, _ in figures)
+    assert all(shown == 56 for *_, shown, _ in thumbnails)
+    assert "found at 20%" in text and "top-5 overlap: targeted" in text and "planted flips" in text
+    assert (noisy["out"] / "report.png").stat().st_size > 10_000

@@ -121,6 +121,7 @@ class InfluenceAudit(Section):
         train = data.training.training_set()
         influence = copy.deepcopy(self.backend).fit(model, train)
         labels = dataset_labels(train.dataset)
+        flips = data.training.flipped_labels()
         lap("fit")
 
         # (a) proponents and opponents
@@ -131,7 +132,7 @@ class InfluenceAudit(Section):
         before = scored.values  # (Q, n)
 
         def points(indices: torch.Tensor, scores: torch.Tensor) -> list[dict]:
-            return [{"index": int(i), "label": int(labels[i]), "score": float(s)}
+            return [{"index": int(i), "label": int(labels[i]), "score": float(s), "flipped": int(i) in flips}
                     for i, s in zip(indices, scores, strict=True)]  # fmt: skip
 
         k = min(self.k, before.shape[1])
@@ -147,7 +148,6 @@ class InfluenceAudit(Section):
         # (b) label checking
         signals = influence.training_signals()
         signals["random"] = random_signal(len(train), data.seed)
-        flips = data.training.flipped_labels()
         checking: dict = {"planted_flips": len(flips)}
         if flips:
             flipped = torch.zeros(len(train), dtype=torch.bool)
@@ -159,8 +159,7 @@ class InfluenceAudit(Section):
             checking["curve"] = {name: c["curve"] for name, c in curves.items()}
         most = signals["self_influence"].topk(min(self.top_self_influence, len(train)))
         checking["top_self_influence"] = [
-            {**p, "flipped": p["index"] in flips,
-             "original_label": flips[p["index"]][0] if p["index"] in flips else None}
+            {**p, "original_label": flips[p["index"]][0] if p["flipped"] else None}
             for p in points(most.indices, most.values)
         ]  # fmt: skip
         lap("label_checking")
@@ -172,8 +171,7 @@ class InfluenceAudit(Section):
             total = error_influence(influence, data.x[errors], data.y[errors])
             order = total.argsort()
             count = min(self.harmful, len(total))
-            mismatch["most_harmful"] = [{**p, "flipped": p["index"] in flips}
-                                        for p in points(order[:count], total[order[:count]])]  # fmt: skip
+            mismatch["most_harmful"] = points(order[:count], total[order[:count]])
             mismatch["most_helpful"] = points(order.flip(0)[:count], total[order.flip(0)[:count]])
             if flips:
                 harmful = set(order[: len(flips)].tolist())
@@ -251,7 +249,7 @@ class InfluenceAudit(Section):
                                  + (" (wrong)" if q["misclassified"] else ""))  # fmt: skip
 
             def caption(e):
-                return f"label {e['label']}, {e['score']:+.2g}"
+                return f"label {e['label']}{' (flipped)' if e['flipped'] else ''}, {e['score']:+.2g}"
 
             rows.append([name, query, *self._thumbs(context, name, q["proponents"], caption),
                          *self._thumbs(context, name, q["opponents"], caption)])  # fmt: skip
