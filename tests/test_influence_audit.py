@@ -282,20 +282,11 @@ def test_the_monitor_logs_the_flips_while_training_and_leaves_the_run_unchanged(
 def test_the_influence_report_in_chromium(noisy, tmp_path):
     """report.html as readers see it: every figure and thumbnail loaded, figures at their own size, thumbnails
     enlarged without smoothing; a screenshot is kept next to the report."""
-    from tests.test_report_browser import CHROMIUM, DRIVER
+    from tests.test_report_browser import CHROMIUM, DRIVER, chromium
 
     if not (CHROMIUM and DRIVER):
         pytest.skip("Debian's chromium and chromium-driver are not installed")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1000"):  # fmt: skip
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+    driver = chromium(tmp_path)
     try:
         driver.get((noisy["out"] / "report.html").as_uri())
         images = driver.execute_script(
@@ -309,7 +300,7 @@ def test_the_influence_report_in_chromium(noisy, tmp_path):
     figures = [i for i in images if not i[4]]
     thumbnails = [i for i in images if i[4]]
     assert len(figures) == 2 and len(thumbnails) >= 8 * 11 + 16
-    for alt, complete, natural, shown, _ in images:
+    for alt, complete, natural, _shown, _ in images:
         assert complete and natural > 0, alt
     assert all(shown == natural for _, _, natural, shown, _ in figures)
     assert all(shown == 56 for *_, shown, _ in thumbnails)

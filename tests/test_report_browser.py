@@ -53,18 +53,23 @@ def _audit(tmp_path: Path) -> Path:
     return tmp_path / "audit" / "report.html"
 
 
-def test_every_figure_loads_and_shows_at_its_own_size_in_chromium(tmp_path):
+def chromium(tmp_path: Path):
+    """Headless Chromium through its driver, offline, 1280 pixels wide, with a throw-away profile."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    page = _audit(tmp_path)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1000"):  # fmt: skip
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+    return webdriver.Chrome(service=Service(executable_path=DRIVER), options=options)
+
+
+def test_every_figure_loads_and_shows_at_its_own_size_in_chromium(tmp_path):
+    page = _audit(tmp_path)
+    driver = chromium(tmp_path)
     try:
         driver.get(page.as_uri())
         images = driver.execute_script(
