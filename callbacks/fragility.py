@@ -10,14 +10,7 @@ from robustattr.attacks import ExplanationAttack, RandomSignAttack, TopKAttack
 from robustattr.attacks.base import with_seed
 from robustattr.attributions import Attribution, Saliency
 from robustattr.callbacks.base import AttackCallback
-from robustattr.metrics import (
-    CenterShift,
-    CosineDistance,
-    KendallTau,
-    LabelKeptRate,
-    SpearmanCorrelation,
-    TopKIntersection,
-)
+from robustattr.metrics import MAP_METRICS, LabelKeptRate, map_metrics
 
 
 class FragilityValidation(AttackCallback):
@@ -58,11 +51,7 @@ class FragilityValidation(AttackCallback):
     def build_metrics(self) -> dict[str, Metric]:
         metrics: dict[str, Metric] = {}
         for prefix in self.settings:
-            metrics[f"{prefix}/topk_intersection"] = TopKIntersection(k=self.k)
-            metrics[f"{prefix}/spearman"] = SpearmanCorrelation()
-            metrics[f"{prefix}/kendall"] = KendallTau()
-            metrics[f"{prefix}/center_shift"] = CenterShift()
-            metrics[f"{prefix}/cosine_distance"] = CosineDistance()
+            metrics.update({f"{prefix}/{name}": metric for name, metric in map_metrics(self.k).items()})
             metrics[f"{prefix}/label_kept"] = LabelKeptRate()
         return metrics
 
@@ -71,6 +60,6 @@ class FragilityValidation(AttackCallback):
         for prefix, attack in self.settings.items():
             result = with_seed(attack, seed).run(model, x, y)
             clean, adv, kept = result.maps_clean, result.maps_adv, result.kept
-            for metric in ("topk_intersection", "spearman", "kendall", "center_shift", "cosine_distance"):
-                metrics[f"{prefix}/{metric}"].update(clean, adv, kept)
+            for name in MAP_METRICS:
+                metrics[f"{prefix}/{name}"].update(clean, adv, kept)
             metrics[f"{prefix}/label_kept"].update(kept)

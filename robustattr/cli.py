@@ -33,6 +33,7 @@ from rich.markup import escape
 from robustattr.callbacks.checkpoint import LastCheckpoint
 from robustattr.errors import ConfigError, RobustAttrError, exit_with_error, find_user_error
 from robustattr.files import AtomicCheckpointIO, atomic_write
+from robustattr.lightning_private import wandb_run_started
 from robustattr.models.weights import safe_torch_load
 from robustattr.module import RobustClassifier
 from robustattr.run import CONFIG_KEY, RUN_KEY, run_dir
@@ -260,7 +261,7 @@ def fit_and_test(cli: RobustCLI) -> dict[str, Any]:
 def _finish_wandb(trainer: pl.Trainer) -> None:
     """Close the W&B run (Lightning leaves it open), so its files are complete when train.py returns."""
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+        if isinstance(logger, WandbLogger) and wandb_run_started(logger):
             logger.experiment.finish()
 
 

@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from robustattr.data.stats import check_net_fits_data
 from robustattr.errors import ConfigError, NonFiniteError
+from robustattr.lightning_private import built_from_config
 from robustattr.models.activations import is_piecewise_linear
 from robustattr.models.weights import load_weights
 from robustattr.regularizers.base import ObjectiveTerm
@@ -29,11 +30,6 @@ OptimizerCallable = Callable[[Iterable], torch.optim.Optimizer]
 LRSchedulerCallable = Callable[
     [torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
 ]
-
-try:  # set by LightningCLI while it instantiates the model from a config
-    from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
-except ImportError:  # pragma: no cover - older Lightning
-    _given_hyperparameters = None
 
 
 class RobustClassifier(pl.LightningModule):
@@ -83,7 +79,7 @@ class RobustClassifier(pl.LightningModule):
         super().__init__()
         # From a config (LightningCLI) the hyper-parameters are the config itself, plain data that rebuilds the
         # model; built in Python, the module arguments are objects, already saved in the state dict.
-        from_config = _given_hyperparameters is not None and _given_hyperparameters.get() is not None
+        from_config = built_from_config()
         # logger=False: train.py logs the whole resolved config (model, data, trainer) to the logger instead.
         self.save_hyperparameters(
             ignore=None if from_config else ["net", "terms", "optimizer", "scheduler"], logger=False

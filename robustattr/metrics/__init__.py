@@ -2,6 +2,7 @@
 
 from robustattr.metrics import functional
 from robustattr.metrics.classes import (
+    MAP_METRICS,
     AttackSuccessRate,
     CenterShift,
     CosineDistance,
@@ -11,6 +12,7 @@ from robustattr.metrics.classes import (
     RobustAccuracy,
     SpearmanCorrelation,
     TopKIntersection,
+    map_metrics,
 )
 from robustattr.metrics.diagnostics import top_hessian_eigenvalue
 from robustattr.metrics.functional import (
@@ -29,6 +31,7 @@ from robustattr.metrics.functional import (
 )
 
 __all__ = [
+    "MAP_METRICS",
     "AttackSuccessRate",
     "CenterShift",
     "CosineDistance",
@@ -46,6 +49,7 @@ __all__ = [
     "functional",
     "kendall_tau",
     "label_kept",
+    "map_metrics",
     "pixel_map",
     "robust_accuracy",
     "spearman",

@@ -97,6 +97,22 @@ class CosineDistance(_MapMetric):
     fn = staticmethod(F.cosine_distance)
 
 
+# The one registry of the metrics comparing a clean map with a perturbed one: the names every callback logs
+# (``val/frag/<method>/<attack>_<eps>/<name>``) and every audit table and report.json key uses.
+MAP_METRICS: dict[str, type[_MapMetric]] = {
+    "topk_intersection": TopKIntersection,
+    "spearman": SpearmanCorrelation,
+    "kendall": KendallTau,
+    "center_shift": CenterShift,
+    "cosine_distance": CosineDistance,
+}
+
+
+def map_metrics(k: int | None = None) -> dict[str, _MapMetric]:
+    """A fresh instance of every map metric by its registered name; ``k`` for the top-k intersection."""
+    return {name: cls(k=k) if cls is TopKIntersection else cls() for name, cls in MAP_METRICS.items()}
+
+
 class LabelKeptRate(PerSampleMean):
     higher_is_better = None
 

@@ -40,11 +40,11 @@ from robustattr.audit.sections.base import (
     stacked,
     sweep,
 )
+from robustattr.metrics import MAP_METRICS, map_metrics
 from robustattr.metrics import functional as M
 from robustattr.models.activations import needs_smooth_surrogate
 from robustattr.viz import figure, grid, heatmap, panel_figure, style
 
-MAP_METRICS = ("topk_intersection", "spearman", "kendall", "center_shift", "cosine_distance")
 STYLES = ["-", "--", ":", "-."]
 
 
@@ -81,15 +81,10 @@ def by_attack(methods: list[Attribution]) -> list[tuple[Attribution, list[Attrib
     return list(groups.values())
 
 
-def map_metrics(clean: torch.Tensor, adv: torch.Tensor, kept: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+def map_values(clean: torch.Tensor, adv: torch.Tensor, kept: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """Per sample, every registered map metric (NaN where the label was not kept) and ``label_kept``."""
     nan = torch.full(kept.shape, float("nan"))
-    values = {
-        "topk_intersection": M.topk_intersection(clean, adv, k),
-        "spearman": M.spearman(clean, adv),
-        "kendall": M.kendall_tau(clean, adv),
-        "center_shift": M.center_shift(clean, adv),
-        "cosine_distance": M.cosine_distance(clean, adv),
-    }
+    values = {name: metric.scores(clean, adv) for name, metric in map_metrics(k).items()}
     out = {name: torch.where(kept, value.cpu().float(), nan) for name, value in values.items()}
     out["label_kept"] = kept.float()
     return out
@@ -161,7 +156,7 @@ class ExplanationFragility(Section):
                     for method, per_eps in swept.items():
                         for i, (clean, adv, kept) in enumerate(per_eps):
                             k = attack.k or M.default_k(*clean.shape[1:])
-                            for metric, v in map_metrics(clean, adv, kept, k).items():
+                            for metric, v in map_values(clean, adv, kept, k).items():
                                 values[method][attack.short_name][i].setdefault(metric, []).append(v)
                     progress(1)
         results: dict = {"epsilons": self.epsilons, "methods": {}}
@@ -311,7 +306,7 @@ class SmoothingWithoutRetraining(Section):
             ((clean, adv, kept),) = attack_sweep(model, method, [method], attack, [attack.threat.eps], x, y,
                                                  data.seed + c)[method.short_name]  # fmt: skip
             k = attack.k or M.default_k(*clean.shape[1:])
-            for name, value in map_metrics(clean, adv, kept, k).items():
+            for name, value in map_values(clean, adv, kept, k).items():
                 values.setdefault(name, []).append(value)
             progress(1)
         return {name: mean(v) for name, v in values.items()}
