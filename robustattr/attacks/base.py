@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -86,3 +86,15 @@ def generator_for(device: torch.device, seed: int | None) -> torch.Generator | N
     """A private generator seeded with ``seed`` (the same numbers on every call), or None for the global RNG
     (fresh numbers on every call, reproducible under ``seed_everything``: what training objectives want)."""
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+
+
+class EpsilonSweepable:
+    """Attacks holding a ``threat`` model: `with_eps` gives a copy on a ball of another radius (for epsilon
+    sweeps); a default step size, derived from the radius, scales with it."""
+
+    threat: Any
+
+    def with_eps(self, eps: float):
+        other = type(self).__new__(type(self))
+        other.__dict__.update(self.__dict__, threat=self.threat.with_eps(eps))
+        return other

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robustattr.attacks.base import generator_for, gradient_context, prepare
+from robustattr.attacks.base import EpsilonSweepable, generator_for, gradient_context, prepare
 from robustattr.attacks.surrogate import BetaSchedule, require_second_order, softplus_surrogate
 from robustattr.attacks.threat import LinfBall
 from robustattr.attributions.gradient import Attribution, Saliency
@@ -49,7 +49,7 @@ class ExplanationAttackResult:
     maps_adv: torch.Tensor  # pixel maps at x_adv
 
 
-class ExplanationAttack:
+class ExplanationAttack(EpsilonSweepable):
     """Base class of the explanation attacks.
 
     Args:
@@ -104,11 +104,6 @@ class ExplanationAttack:
     @property
     def step_size(self) -> float:
         return self._step_size if self._step_size is not None else self.threat.eps / 8
-
-    def with_eps(self, eps: float) -> ExplanationAttack:
-        other = type(self).__new__(type(self))
-        other.__dict__.update(self.__dict__, threat=self.threat.with_eps(eps))
-        return other
 
     def __repr__(self) -> str:
         return (

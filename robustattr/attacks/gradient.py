@@ -17,12 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustattr.attacks.base import TargetMode, choose_target, generator_for, gradient_context, prepare
+from robustattr.attacks.base import (
+    EpsilonSweepable,
+    TargetMode,
+    choose_target,
+    generator_for,
+    gradient_context,
+    prepare,
+)
 from robustattr.attacks.threat import LinfBall, ThreatModel
 from robustattr.errors import ConfigError
 
 
-class PGD:
+class PGD(EpsilonSweepable):
     """Projected gradient descent on the cross-entropy.
 
     Args:
@@ -69,12 +76,6 @@ class PGD:
     @property
     def step_size(self) -> float:
         return self._step_size if self._step_size is not None else 2.5 * self.threat.eps / self.steps
-
-    def with_eps(self, eps: float) -> PGD:
-        """A copy of this attack on a ball of another radius (a default step size scales with it)."""
-        other = type(self).__new__(type(self))
-        other.__dict__.update(self.__dict__, threat=self.threat.with_eps(eps))
-        return other
 
     def __repr__(self) -> str:
         return (

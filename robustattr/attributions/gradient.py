@@ -168,7 +168,21 @@ class IntegratedGradients(_PathAverage):
         return (x - self.baseline) * self.mean_gradient(model, x, target, create_graph)
 
 
-class SmoothGrad(_PathAverage):
+class _NoiseAverage(_PathAverage):
+    """The mean gradient over ``samples`` noisy copies ``x + noise`` (SmoothGrad, Uniform Gradient): one
+    attribution, a subclass names the noise distribution (`noise`)."""
+
+    def noise(self, shape: tuple[int, ...], generator, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def points(self, x, start, stop, generator):
+        return x + self.noise((stop - start, *x.shape), generator, x)
+
+    def attribute(self, model, x, target, create_graph):
+        return self.mean_gradient(model, x, target, create_graph)
+
+
+class SmoothGrad(_NoiseAverage):
     """SmoothGrad (Smilkov et al. 2017): mean gradient over ``samples`` copies ``x + N(0, sigma^2)``; sigma is in
     pixel units of [0, 1] images (0.15 = 15% of the input range)."""
 
@@ -180,15 +194,11 @@ class SmoothGrad(_PathAverage):
         super().__init__(samples, chunk, output, seed)
         self.sigma = sigma
 
-    def points(self, x, start, stop, generator):
-        noise = torch.randn((stop - start, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
-        return x + self.sigma * noise
-
-    def attribute(self, model, x, target, create_graph):
-        return self.mean_gradient(model, x, target, create_graph)
+    def noise(self, shape, generator, x):
+        return self.sigma * torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-class UniformGradient(_PathAverage):
+class UniformGradient(_NoiseAverage):
     """Uniform Gradient (Wang et al. 2020): mean gradient over ``x + U[-r, r]^d``, r = ``radius`` times the input
     range (0.2 by default); smooths attributions without retraining."""
 
@@ -200,9 +210,5 @@ class UniformGradient(_PathAverage):
         super().__init__(samples, chunk, output, seed)
         self.radius = radius
 
-    def points(self, x, start, stop, generator):
-        noise = torch.rand((stop - start, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
-        return x + self.radius * (2 * noise - 1)
-
-    def attribute(self, model, x, target, create_graph):
-        return self.mean_gradient(model, x, target, create_graph)
+    def noise(self, shape, generator, x):
+        return self.radius * (2 * torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) - 1)

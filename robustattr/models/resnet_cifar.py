@@ -58,18 +58,21 @@ class PreActBlock(nn.Module):
 
 
 class _CifarResNet(nn.Module):
+    """The CIFAR ResNets: a subclass names its block, whether it is pre-activation, and its blocks per stage; the
+    constructor (and so every config's ``init_args``) is the same for all of them."""
+
     block: type[nn.Module]
     preact: bool
+    blocks_per_stage: Sequence[int] = (2, 2, 2, 2)
 
     def __init__(
         self,
-        num_classes: int,
-        blocks_per_stage: Sequence[int],
-        width: int,
-        in_channels: int,
-        activation: ActivationFactory,
-        mean: Sequence[float],
-        std: Sequence[float],
+        num_classes: int = 10,
+        in_channels: int = 3,
+        width: int = 64,
+        activation: ActivationFactory = nn.ReLU,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
@@ -79,7 +82,7 @@ class _CifarResNet(nn.Module):
             stem += [nn.BatchNorm2d(width), activation()]
         self.stem = nn.Sequential(*stem)
         stages, c_in = [], width
-        for i, n in enumerate(blocks_per_stage):
+        for i, n in enumerate(self.blocks_per_stage):
             c_out = width * 2**i
             for j in range(n):
                 stages.append(self.block(c_in, c_out, 2 if (i > 0 and j == 0) else 1, activation))
@@ -99,31 +102,9 @@ class ResNet18(_CifarResNet):
     block = BasicBlock
     preact = False
 
-    def __init__(
-        self,
-        num_classes: int = 10,
-        in_channels: int = 3,
-        width: int = 64,
-        activation: ActivationFactory = nn.ReLU,
-        mean: Sequence[float] = CIFAR10_MEAN,
-        std: Sequence[float] = CIFAR10_STD,
-    ) -> None:
-        super().__init__(num_classes, (2, 2, 2, 2), width, in_channels, activation, mean, std)
-
 
 class PreActResNet18(_CifarResNet):
     """Pre-activation ResNet-18 for CIFAR (He et al. 2016b), the usual backbone of fast adversarial training."""
 
     block = PreActBlock
     preact = True
-
-    def __init__(
-        self,
-        num_classes: int = 10,
-        in_channels: int = 3,
-        width: int = 64,
-        activation: ActivationFactory = nn.ReLU,
-        mean: Sequence[float] = CIFAR10_MEAN,
-        std: Sequence[float] = CIFAR10_STD,
-    ) -> None:
-        super().__init__(num_classes, (2, 2, 2, 2), width, in_channels, activation, mean, std)
