@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import captum
@@ -29,6 +27,7 @@ import captum.attr
 import captum.robust
 import torch
 import torch.nn.functional as F
+from timing import median_seconds
 from torch import nn
 
 from robustattr.attacks import (
@@ -64,26 +63,6 @@ def build_model(name: str) -> nn.Module:
     return ResNet18()
 
 
-class Timer:
-    def __init__(self, device: torch.device, repeats: int) -> None:
-        self.device = device
-        self.repeats = repeats
-
-    def __call__(self, fn, repeats: int | None = None) -> float:
-        """Median wall time of ``fn`` in seconds, after one warm-up call."""
-        fn()
-        times = []
-        for _ in range(repeats or self.repeats):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -105,7 +84,10 @@ def main() -> None:
     x, y = next(iter(data.train_dataloader()))
     x, y = x.to(device), y.to(device)
     n, steps = x.shape[0], args.steps
-    time_it = Timer(device, args.repeats)
+
+    def time_it(fn, repeats: int | None = None) -> float:
+        return median_seconds(fn, repeats or args.repeats)
+
     eps = LinfBall(8 / 255)
     seconds: dict[str, float] = {}
 

@@ -16,14 +16,13 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import torch
+from timing import median_seconds
 from torch import nn
 
 from robustattr.data import DigitsDataModule
@@ -76,23 +75,6 @@ def make_step(model_name: str, activation: str, term_name: str, x: torch.Tensor,
     return step
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_time(fn, device: torch.device, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
@@ -135,7 +117,7 @@ def hvp_comparison(model_name: str, x: torch.Tensor, y: torch.Tensor, repeats: i
     v = torch.randn_like(x)
     results, reference = {}, None
     for mode in ("reverse", "forward", "finite_difference"):
-        seconds = median_time(lambda m=mode: loss_hvp(net, x, y, v, m, create_graph=False), x.device, repeats)
+        seconds = median_seconds(lambda m=mode: loss_hvp(net, x, y, v, m, create_graph=False), repeats)
         hv = loss_hvp(net, x, y, v, mode, create_graph=False)
         reference = hv if reference is None else reference
         error = ((hv - reference).norm() / reference.norm()).item()
@@ -169,8 +151,8 @@ def main() -> None:
     by_activation = {}
     for activation in args.activations:
         seconds = {
-            name: median_time(
-                make_step(args.model, activation, name, x, y), device, args.repeats if name != "ig_norm" else 1
+            name: median_seconds(
+                make_step(args.model, activation, name, x, y), args.repeats if name != "ig_norm" else 1
             )
             for name in TERMS
         }
