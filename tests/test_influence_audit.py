@@ -306,3 +306,26 @@ def test_the_influence_report_in_chromium(noisy, tmp_path):
     assert all(shown == 56 for *_, shown, _ in thumbnails)
     assert "found at 20%" in text and "top-5 overlap: targeted" in text and "planted flips" in text
     assert (noisy["out"] / "report.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_the_monitors_tracin_sum(tmp_path):
+    """TracIn sums over the run's snapshots: killed and resumed, the run keeps the snapshots taken before."""
+    from robustattr.callbacks import SelfInfluenceMonitor
+    from robustattr.cli import main as train
+
+    callbacks = json.dumps(
+        [{"class_path": "robustattr.callbacks.SelfInfluenceMonitor", "init_args": {"every_n_epochs": 2}}]
+    )
+    common = ["--config", str(ROOT / "configs" / "quickstart_noisy.yaml"), "--trainer.logger", "false",
+              "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+              "--trainer.callbacks", callbacks]  # fmt: skip
+    first = train([*common, "--trainer.max_epochs", "2"])
+    state = torch.load(Path(first["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    (saved,) = [v for k, v in state.items() if k.startswith(SelfInfluenceMonitor.__qualname__)]
+    assert saved["snapshots"] == 1 and saved["scores"].shape == (1257,)
+    second = train([*common, "--trainer.max_epochs", "4", "--ckpt_path", first["run_dir"]])
+    state = torch.load(Path(second["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    (resumed,) = [v for k, v in state.items() if k.startswith(SelfInfluenceMonitor.__qualname__)]
+    assert resumed["snapshots"] == 2
+    assert (resumed["scores"] > saved["scores"]).all()  # the second snapshot adds to the first
