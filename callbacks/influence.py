@@ -10,17 +10,13 @@ import torch.nn.functional as F
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
 from robustattr.data.base import dataset_labels
 from robustattr.errors import ConfigError
 from robustattr.influence import distributed as D
 from robustattr.influence.analysis import found_curve
+from robustattr.influence.data import TrainingSet
 from robustattr.viz import image_array
-
-
-def _collate(batch):
-    return torch.stack([torch.as_tensor(b[0]) for b in batch]), torch.as_tensor([int(b[1]) for b in batch])
 
 
 class SelfInfluenceMonitor(pl.Callback):
@@ -91,15 +87,12 @@ class SelfInfluenceMonitor(pl.Callback):
         layer = self._last_linear(pl_module)
         captured: list[torch.Tensor] = []
         handle = layer.register_forward_hook(lambda mod, inputs, out: captured.append(inputs[0].detach()))
-        # its own generator: a DataLoader otherwise draws its base seed from the global RNG, and a monitor must not
-        # change the training run's shuffling (the trajectory after the first snapshot)
-        loader = DataLoader(Subset(dataset, indices.tolist()), batch_size=self.batch_size, shuffle=False,
-                            collate_fn=_collate, generator=torch.Generator())  # fmt: skip
         parts = []
         was_training = pl_module.training
         pl_module.eval()
         try:
-            for x, y in loader:
+            # TrainingSet's loader draws nothing from the global RNG: the run's shuffling stays as without the monitor
+            for _, x, y in TrainingSet(dataset).batches(self.batch_size, indices):
                 captured.clear()
                 logits = pl_module(x.to(pl_module.device, pl_module.dtype)).float()
                 a = captured[-1].float().flatten(1)

@@ -211,50 +211,51 @@ class Influence:
         """(indices, images, labels) of this process's shard of the training set, in batches."""
         yield from self.train.batches(self.batch_size, D.shard(len(self.train)))
 
+    def _per_training_point(self, rows, width: int) -> torch.Tensor:
+        """``rows(images, labels) -> (B, width)`` over this process's shard of the training set, gathered in
+        training-set order on every process: (n, width), on the CPU."""
+        parts, indices = [], []
+        for idx, xb, yb in self._stream():
+            parts.append(rows(xb, yb))
+            indices.append(idx)
+        local = torch.cat(parts) if parts else torch.zeros(0, width, dtype=self.dtype, device=self.device)
+        index = torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long)
+        return D.gather_rows(local, index, len(self.train)).cpu()
+
     # ---------------------------------------------------------------------------------------------- scores
     def scores(self, x: torch.Tensor, y: torch.Tensor) -> InfluenceScores:
         """Scores of every training point for each query, (Q, n), streamed over the training set."""
         self._require_fitted()
         self._check_fits(x, y)
         queries = self.query_vectors(x, y)
-        parts, indices = [], []
-        for idx, xb, yb in self._stream():
-            parts.append((queries @ self._train_vectors(xb, yb).T).T * self.scale)  # (B, Q)
-            indices.append(idx)
-        local = torch.cat(parts) if parts else queries.new_zeros(0, len(x))
-        values = D.gather_rows(local, torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
-                               len(self.train))  # fmt: skip
-        return self._result(values.T.contiguous().cpu())
+        values = self._per_training_point(lambda xb, yb: (queries @ self._train_vectors(xb, yb).T).T * self.scale,
+                                          len(x))  # fmt: skip
+        return self._result(values.T.contiguous())
 
     def self_influence(self) -> InfluenceScores:
         """Each training point's influence on its own loss, (n,): ``grad L(z)^T (H + damping I)^{-1} grad L(z) / n``
         (large for mislabelled and atypical points)."""
         self._require_fitted()
-        parts, indices = [], []
-        for idx, xb, yb in self._stream():
+
+        def rows(xb, yb):
             g = self._train_vectors(xb, yb)
-            parts.append((self._inverse(g) * g).sum(1, keepdim=True) * self.scale)
-            indices.append(idx)
-        local = torch.cat(parts) if parts else torch.zeros(0, 1, dtype=self.dtype)
-        values = D.gather_rows(local, torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
-                               len(self.train))  # fmt: skip
-        return self._result(values[:, 0].contiguous().cpu())
+            return (self._inverse(g) * g).sum(1, keepdim=True) * self.scale
+
+        return self._result(self._per_training_point(rows, 1)[:, 0].contiguous())
 
     def training_signals(self) -> dict[str, torch.Tensor]:
         """The three rankings label checking compares, per training point (n,): ``self_influence`` (as
         `self_influence`), ``loss`` (its cross-entropy under the fitted model) and ``gradient_norm`` (the norm of
         its loss gradient over the scope; TracIn: over every checkpoint's block, learning-rate weighted)."""
         self._require_fitted()
-        parts, indices = [], []
-        for idx, xb, yb in self._stream():
+
+        def rows(xb, yb):
             g = self._train_vectors(xb, yb)
             with torch.no_grad():
                 loss = ce_per_sample(self.model(xb.to(self.device, self.dtype)), yb.to(self.device))
-            parts.append(torch.stack([loss.to(g.dtype), self._weighted_norm(g)], 1))
-            indices.append(idx)
-        local = torch.cat(parts) if parts else torch.zeros(0, 2, dtype=self.dtype)
-        values = D.gather_rows(local, torch.cat(indices) if indices else torch.zeros(0, dtype=torch.long),
-                               len(self.train)).cpu()  # fmt: skip
+            return torch.stack([loss.to(g.dtype), self._weighted_norm(g)], 1)
+
+        values = self._per_training_point(rows, 2)
         return {"self_influence": self.self_influence().values, "loss": values[:, 0].contiguous(),
                 "gradient_norm": values[:, 1].contiguous()}  # fmt: skip
 

@@ -16,7 +16,8 @@ from robustattr.models.weights import safe_torch_load
 from robustattr.trust import instantiate_trusted
 
 
-def _collate(batch):
+def collate(batch):
+    """(images, labels) of a list of dataset samples, whatever their label type."""
     return torch.stack([torch.as_tensor(b[0]) for b in batch]), torch.as_tensor([int(b[1]) for b in batch])
 
 
@@ -60,18 +61,21 @@ class TrainingSet:
         return len(self.dataset)
 
     def example(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return _collate([self.dataset[0]])
+        return collate([self.dataset[0]])
 
     def tensors(self, indices: Sequence[int] | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The images and labels at ``indices`` (default: all), stacked."""
         indices = range(len(self)) if indices is None else [int(i) for i in indices]
-        return _collate([self.dataset[i] for i in indices])
+        return collate([self.dataset[i] for i in indices])
 
     def batches(self, batch_size: int, indices: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
-        """(indices, images, labels) in order, over ``indices`` (default: all)."""
+        """(indices, images, labels) in order, over ``indices`` (default: all). The loader has its own generator:
+        a DataLoader otherwise draws its base seed from the global RNG, and reading the training set (a callback
+        during training) must not change a run's shuffling."""
         indices = torch.arange(len(self)) if indices is None else indices
         loader = DataLoader(Subset(self.dataset, indices.tolist()), batch_size=batch_size, shuffle=False,
-                            num_workers=self.num_workers, collate_fn=_collate)  # fmt: skip
+                            num_workers=self.num_workers, collate_fn=collate,
+                            generator=torch.Generator())  # fmt: skip
         start = 0
         with torch.inference_mode(False):
             for x, y in loader:

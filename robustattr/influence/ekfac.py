@@ -26,7 +26,7 @@ from torch import nn
 
 from robustattr.errors import ConfigError
 from robustattr.influence.base import Influence
-from robustattr.influence.data import _collate
+from robustattr.influence.data import collate
 
 
 @contextlib.contextmanager
@@ -105,7 +105,7 @@ class EKFACInfluence(Influence):
         prepared = prepare_model(self.model, self.task)
         self.analyzer = Analyzer(self.analysis, prepared, self.task, cpu=self.device.type == "cpu",
                                  disable_tqdm=True, output_dir=self.output_dir)  # fmt: skip
-        self.analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=_collate, num_workers=self.train.num_workers))
+        self.analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=collate, num_workers=self.train.num_workers))
         args = FactorArguments(strategy="ekfac", use_empirical_fisher=self.empirical_fisher)
         torch.manual_seed(0)  # the sampled labels of the true Fisher
         with _gc_frozen():

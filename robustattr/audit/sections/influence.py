@@ -111,12 +111,12 @@ class InfluenceAudit(Section):
         cost: dict[str, float] = {}
         clock = time.perf_counter()
 
-        def lap(part: str) -> None:
+        def lap(part: str, units: int = 1) -> None:
             nonlocal clock
             now = time.perf_counter()
             cost[part] = round(now - clock, 3)
             clock = now
-            progress(1)
+            progress(units)
 
         train = data.training.training_set()
         influence = copy.deepcopy(self.backend).fit(model, train)
@@ -198,9 +198,8 @@ class InfluenceAudit(Section):
                 fragility["top5_overlap"][kind].append(float(measured["top_overlap"].mean()))
                 fragility["spearman"][kind].append(float(measured["spearman"].nanmean()))
                 fragility["label_kept"][kind].append(float(kept.float().mean()))
-            if e < len(self.epsilons) - 1:
-                progress(1)
-        lap("fragility")
+            progress(1)
+        lap("fragility", units=0)
         return {
             "backend": {"name": scored.backend, "damping": scored.damping, "scope": scored.scope, **scored.settings},
             "training_points": len(train),
