@@ -25,6 +25,14 @@ from robustattr.attacks import (
     softplus_surrogate,
 )
 from robustattr.attacks.base import with_seed
+from robustattr.attacks.explanation import (
+    AdamDirection,
+    AttackState,
+    CleanExplanation,
+    ExplanationAttack,
+    Judge,
+    LastEligible,
+)
 from robustattr.attributions import IntegratedGradients
 from robustattr.errors import ConfigError
 from robustattr.models import SmallCNN, count_activations
@@ -182,3 +190,79 @@ def test_mass_center_attack_moves_on_a_smooth_network():
     assert result.kept.any() and (result.score[result.kept] > 0).all()
     with pytest.raises(SecondOrderZeroError, match="random_start"):
         MassCenterAttack(threat=LinfBall(0.1), steps=3, beta=None, random_start=False)(net, x, y)
+
+
+def test_adam_direction_is_torch_adam_at_unit_rate_and_matches_the_closed_form():
+    """TargetMapAttack's optimiser: torch.optim.Adam's bias-corrected step, read off a zeroed parameter so the
+    attack keeps its per-sample step size; checked against Adam's closed form over a few steps."""
+    torch.manual_seed(0)
+    grads = [torch.randn(3, 1, 4, 4) for _ in range(4)]
+    adam = AdamDirection(grads[0])
+    m, v = torch.zeros_like(grads[0]), torch.zeros_like(grads[0])
+    for t, g in enumerate(grads, start=1):
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+        expected = (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+        torch.testing.assert_close(adam(g), expected)
+    assert isinstance(adam.optimizer, torch.optim.Adam)
+
+
+def test_target_map_restarts_begin_with_fresh_adam_moments():
+    x, y = _data()
+    net = SmallCNN(width=8, activation=nn.Softplus).eval()
+    attack = TargetMapAttack(threat=LinfBall(0.1), steps=2, beta=None, restarts=2, random_start=True, seed=0)
+    states = []
+    init_state = attack.init_state
+    attack.init_state = lambda clean: states.append(init_state(clean)) or states[-1]
+    attack.run(net, x, y)
+    assert len(states) == 2 and states[0].adam is not states[1].adam
+    assert [state.adam.optimizer.state[state.adam.param]["step"].item() for state in states] == [2, 2]
+
+
+def test_the_judge_keeps_the_best_eligible_iterate_and_the_random_walk_the_last():
+    clean = CleanExplanation(torch.zeros(3, 1, 2, 2), torch.tensor([0, 1, 2]), torch.eye(3), torch.zeros(3, 2, 2), 1)
+    best, last = Judge(clean), LastEligible(clean)
+    wrong_label = torch.eye(3)[[1, 1, 1]]  # only sample 1 keeps its label
+    for x_value, logits, score in [(1.0, torch.eye(3), [0.5, 0.5, 0.5]), (2.0, torch.eye(3), [0.1, 0.9, 0.2]),
+                                   (3.0, wrong_label, [9.0, 9.0, 9.0])]:  # fmt: skip
+        for judge in (best, last):
+            judge.observe(
+                torch.full((3, 1, 2, 2), x_value), torch.full((3, 2, 2), x_value), logits, torch.tensor(score)
+            )
+    kept_best, kept_last = (
+        best.result(torch.device("cpu"), torch.float32),
+        last.result(torch.device("cpu"), torch.float32),
+    )
+    assert kept_best.x_adv[:, 0, 0, 0].tolist() == [1.0, 3.0, 1.0]
+    assert kept_best.score.tolist() == [0.5, 9.0, 0.5]
+    assert kept_last.x_adv[:, 0, 0, 0].tolist() == [2.0, 3.0, 2.0]
+    assert kept_best.kept.all() and kept_last.kept.all()
+
+
+def test_a_new_explanation_attack_is_a_state_an_objective_and_a_score():
+    """The loop, the surrogate, the projection and the judge are shared: an attack that pushes attribution mass
+    into the image's centre pixels needs only its typed state, objective and score."""
+
+    class CentreState(AttackState):
+        def __init__(self, clean):
+            super().__init__(clean)
+            self.mask = torch.zeros(clean.maps.shape[1:])
+            self.mask[3:5, 3:5] = 1
+
+    class CentreAttack(ExplanationAttack[CentreState]):
+        def init_state(self, clean):
+            return CentreState(clean)
+
+        def objective(self, maps, logits, state):
+            return (maps * state.mask).sum(dim=(1, 2))
+
+        def score(self, maps, state):
+            return (maps * state.mask).sum(dim=(1, 2)) / maps.sum(dim=(1, 2))
+
+    x, y = _data()
+    net = SmallCNN(width=8).eval()  # ReLU: the shared loop attacks through the softplus surrogate
+    result = CentreAttack(threat=LinfBall(0.1), steps=5).run(net, x, y)
+    before = CentreAttack(threat=LinfBall(0.1), steps=5).score(result.maps_clean, CentreState(
+        CleanExplanation(x, result.target, None, result.maps_clean, 1)))  # fmt: skip
+    assert result.kept.any()
+    assert (result.score[result.kept] > before[result.kept]).all()
+    assert (result.x_adv - x).abs().max() <= 0.1 + 1e-6

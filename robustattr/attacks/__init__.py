@@ -6,8 +6,12 @@ parameter gradients and BatchNorm statistics untouched, is batched, seeded, and 
 
 from robustattr.attacks.base import choose_target, gradient_context
 from robustattr.attacks.explanation import (
+    AttackState,
+    CleanExplanation,
     ExplanationAttack,
     ExplanationAttackResult,
+    Iterate,
+    Judge,
     MassCenterAttack,
     RandomSignAttack,
     TargetedAttack,
@@ -30,9 +34,13 @@ __all__ = [
     "FGSM",
     "LBFGS",
     "PGD",
+    "AttackState",
     "BetaSchedule",
+    "CleanExplanation",
     "ExplanationAttack",
     "ExplanationAttackResult",
+    "Iterate",
+    "Judge",
     "L2Ball",
     "LBFGSResult",
     "LinfBall",

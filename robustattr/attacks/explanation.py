@@ -10,8 +10,9 @@ eligible iterate with the worst metric is kept. Samples with no eligible iterate
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -31,6 +32,8 @@ from robustattr.metrics.functional import (
 )
 from robustattr.models.activations import needs_smooth_surrogate, set_beta
 
+S = TypeVar("S", bound="AttackState")
+
 
 def _scaled(size: float | torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """A step length (one value, or one per sample under a per-sample threat) times a batch of directions."""
@@ -49,8 +52,126 @@ class ExplanationAttackResult:
     maps_adv: torch.Tensor  # pixel maps at x_adv
 
 
-class ExplanationAttack(EpsilonSweepable):
-    """Base class of the explanation attacks.
+@dataclass
+class CleanExplanation:
+    """What an attack measures its damage against, computed once per batch on the original network."""
+
+    x: torch.Tensor  # the clean inputs (fp32, on the model's device)
+    target: torch.Tensor  # the explained class: the clean prediction
+    logits: torch.Tensor  # the clean logits
+    maps: torch.Tensor  # the clean pixel maps (N, H, W)
+    k: int  # the top-k size of the metric
+
+
+@dataclass
+class AttackState:
+    """An attack's state for one restart; each attack extends it with the constants of its objective (and, for
+    an optimiser, its moments), so a restart starts from a fresh state."""
+
+    clean: CleanExplanation
+
+
+class Judge:
+    """The shared rule of every explanation attack: an iterate is judged on the ORIGINAL network; one whose
+    predicted label changed is not eligible; per sample the eligible iterate with the highest damage score is
+    kept (`keeps` says which eligible iterates replace the kept one)."""
+
+    def __init__(self, clean: CleanExplanation) -> None:
+        self.clean = clean
+        self.x = clean.x.clone()
+        self.maps = clean.maps.clone()
+        self.score = torch.full((clean.x.shape[0],), float("-inf"), device=clean.x.device)
+        self.kept = torch.zeros(clean.x.shape[0], dtype=torch.bool, device=clean.x.device)
+
+    def keeps(self, eligible: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        return eligible & (score > self.score)
+
+    def observe(self, x_adv: torch.Tensor, maps: torch.Tensor, logits: torch.Tensor, score: torch.Tensor) -> None:
+        eligible = logits.argmax(dim=1) == self.clean.target
+        better = self.keeps(eligible, score)
+        self.x = torch.where(better.view(-1, 1, 1, 1), x_adv, self.x)
+        self.maps = torch.where(better.view(-1, 1, 1), maps, self.maps)
+        self.score = torch.where(better, score, self.score)
+        self.kept |= eligible
+
+    def result(self, device: torch.device, dtype: torch.dtype) -> ExplanationAttackResult:
+        clean = self.clean
+        nan = torch.full_like(self.score, float("nan"))
+        return ExplanationAttackResult(
+            x_adv=self.x.detach().to(device=device, dtype=dtype),
+            kept=self.kept.to(device),
+            score=torch.where(self.kept, self.score, nan).to(device),
+            target=clean.target.to(device),
+            maps_clean=clean.maps.to(device),
+            maps_adv=self.maps.detach().to(device),
+        )
+
+
+class LastEligible(Judge):
+    """Keep the last eligible iterate, whatever its score (a random walk makes no selection)."""
+
+    def keeps(self, eligible: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        return eligible
+
+
+class Iterate:
+    """One iterate x_t of a run. Its attribution on the original network judges it; a step may ask for the
+    ascent gradient of an objective of its attribution, taken by double backprop through the attribution: on
+    the network itself when it is smooth (one pass then serves the step and the judge), else on a softplus
+    surrogate sharing its weights, with beta annealed by the attack's schedule."""
+
+    def __init__(self, run: _Run, x_adv: torch.Tensor, t: int) -> None:
+        self.run, self.x, self.t = run, x_adv.detach(), t
+        self._judged: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def judged(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(maps, logits) on the original network, detached."""
+        if self._judged is None:
+            attr, logits = self.run.attribution.attribute_and_logits(self.run.model, self.x, self.run.target)
+            self._judged = pixel_map(attr), logits
+        return self._judged
+
+    def ascent_gradient(
+        self, objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], cause: Callable[[], str | None]
+    ) -> torch.Tensor:
+        """d objective(maps, logits).sum() / dx at this iterate; ``cause`` explains a gradient that is zero."""
+        network = self.run.gradient_network(self.t)
+        x_in = self.x.clone().requires_grad_(True)
+        attr, logits = self.run.attribution.attribute_and_logits(network, x_in, self.run.target, create_graph=True)
+        maps = pixel_map(attr)
+        if network is self.run.model:
+            self._judged = maps.detach(), logits.detach()
+        (grad,) = torch.autograd.grad(objective(maps, logits).sum(), x_in, allow_unused=True)
+        if not self.run.checked:
+            self.run.checked = True
+            require_second_order(grad, f"{type(self.run.attack).__name__} on {self.run.attribution!r}", cause())
+        return grad
+
+
+class _Run:
+    """What one call of an attack shares between its iterates: the networks, the explained class, the
+    surrogate (built on the first gradient asked for, for networks with kinked activations)."""
+
+    def __init__(self, attack: ExplanationAttack, model: nn.Module, target: torch.Tensor) -> None:
+        self.attack, self.attribution, self.model, self.target = attack, attack.attribution, model, target
+        self.checked = False
+        self._surrogate: nn.Module | None = None
+
+    def gradient_network(self, t: int) -> nn.Module:
+        schedule = self.attack.schedule
+        if schedule is None or not needs_smooth_surrogate(self.model):
+            return self.model
+        if self._surrogate is None:
+            self._surrogate = softplus_surrogate(self.model, schedule.start)
+        set_beta(self._surrogate, schedule(t, self.attack.steps))
+        return self._surrogate
+
+
+class ExplanationAttack(EpsilonSweepable, Generic[S]):
+    """Base class of the explanation attacks: a shared loop around a per-attack `step` and the shared `Judge`.
+
+    A subclass defines its typed state (`init_state`, fresh per restart), its `step` (by default a signed
+    step up the gradient of its `objective`) and its damage `score`.
 
     Args:
         attribution: the attacked method (default Saliency); it must be differentiable (not a Captum adapter).
@@ -69,8 +190,6 @@ class ExplanationAttack(EpsilonSweepable):
     """
 
     short_name = "explanation"
-
-    tracks_best = True  # keep the eligible iterate with the highest score (the random baseline keeps the last)
 
     def __init__(
         self,
@@ -112,37 +231,38 @@ class ExplanationAttack(EpsilonSweepable):
         )
 
     # -- what a subclass defines -------------------------------------------------------------------------------
-    def context(self, maps_clean: torch.Tensor, x: torch.Tensor, logits: torch.Tensor) -> dict[str, Any]:
-        """Per-batch constants of the objective, computed once from the clean maps."""
-        return {"k": self.k or default_k(*maps_clean.shape[1:]), "maps_clean": maps_clean, "input_shape": x.shape}
+    def init_state(self, clean: CleanExplanation) -> S:
+        """The attack's state for one restart (the constants of its objective, computed from the clean maps)."""
+        return AttackState(clean)  # type: ignore[return-value]
 
-    def objective(self, maps: torch.Tensor, logits: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+    def objective(self, maps: torch.Tensor, logits: torch.Tensor, state: S) -> torch.Tensor:
         """(N,) dissimilarity to ascend, differentiable in ``maps`` (and ``logits``)."""
         raise NotImplementedError
 
-    def score(self, maps: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+    def score(self, maps: torch.Tensor, state: S) -> torch.Tensor:
         """(N,) damage of an iterate, as judged on the original network (higher: more damage)."""
         raise NotImplementedError
 
-    def update(self, grad: torch.Tensor | None, ctx: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-        """The perturbation to add (before projection): a signed-gradient step by default."""
-        return _scaled(self.step_size, self.threat.direction(grad))
+    def zero_gradient_cause(self, state: S) -> str | None:
+        """Why the objective can have no gradient for these clean maps, when the attack itself can tell."""
+        return None
 
-    uses_gradient = True
+    def step(self, iterate: Iterate, state: S, generator: torch.Generator | None) -> torch.Tensor:
+        """The perturbation to add to the iterate (before projection): a signed step up the objective."""
+        return _scaled(self.step_size, self.threat.direction(self.ascent(iterate, state)))
+
+    def ascent(self, iterate: Iterate, state: S) -> torch.Tensor:
+        """The gradient of the objective at the iterate."""
+        return iterate.ascent_gradient(
+            lambda maps, logits: self.objective(maps, logits, state), lambda: self.zero_gradient_cause(state)
+        )
+
+    def judge(self, clean: CleanExplanation) -> Judge:
+        return Judge(clean)
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.run(model, x, y).x_adv
-
-    def zero_gradient_cause(self, ctx: dict[str, Any]) -> str | None:
-        """Why the objective can have no gradient for these clean maps, when the attack itself can tell."""
-        return None
-
-    def _ascent_gradient(self, maps: torch.Tensor, logits: torch.Tensor, x_in: torch.Tensor, ctx, check: bool):
-        (grad,) = torch.autograd.grad(self.objective(maps, logits, ctx).sum(), x_in, allow_unused=True)
-        if check:
-            require_second_order(grad, f"{type(self).__name__} on {self.attribution!r}", self.zero_gradient_cause(ctx))
-        return grad
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> ExplanationAttackResult:
         """Attack the explanation of each sample's predicted class (``y`` is accepted for the common attack
@@ -158,89 +278,59 @@ class ExplanationAttack(EpsilonSweepable):
             with torch.no_grad():
                 target = model(x).argmax(dim=1)
             attr, logits = self.attribution.attribute_and_logits(model, x, target)
-            maps_clean = pixel_map(attr)
-            ctx = self.context(maps_clean, x, logits)
-            attacker = model
-            if self.uses_gradient and self.schedule is not None and needs_smooth_surrogate(model):
-                attacker = softplus_surrogate(model, self.schedule.start)
-            fused = self.uses_gradient and attacker is model
-            best_x, best_maps = x.clone(), maps_clean.clone()
-            best_score = torch.full((x.shape[0],), float("-inf"), device=x.device)
-            kept = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-            for restart in range(self.restarts):
-                ctx.pop("adam", None)
+            maps = pixel_map(attr)
+            clean = CleanExplanation(x, target, logits, maps, self.k or default_k(*maps.shape[1:]))
+            run, judge = _Run(self, model, target), self.judge(clean)
+            for _ in range(self.restarts):
+                state = self.init_state(clean)
                 x_adv = self.threat.random_start(x, generator) if self.random_start else x.clone()
                 for t in range(self.steps + 1):
-                    attack_now = t < self.steps
-                    x_in = x_adv.detach().requires_grad_(fused and attack_now)
-                    if t > 0 or (fused and attack_now):
-                        attr, logits = self.attribution.attribute_and_logits(
-                            model, x_in, target, create_graph=fused and attack_now
-                        )
-                        maps = pixel_map(attr)
-                    if t > 0:  # judge the current iterate on the original network
-                        eligible = logits.detach().argmax(dim=1) == target
-                        score = self.score(maps.detach(), ctx)
-                        better = eligible & (score > best_score) if self.tracks_best else eligible
-                        best_x = torch.where(better.view(-1, 1, 1, 1), x_adv, best_x)
-                        best_maps = torch.where(better.view(-1, 1, 1), maps.detach(), best_maps)
-                        best_score = torch.where(better, score, best_score)
-                        kept |= eligible
-                    if not attack_now:
-                        break
-                    grad = None
-                    if self.uses_gradient:
-                        check = restart == 0 and t == 0
-                        if not fused:
-                            if attacker is not model:
-                                set_beta(attacker, self.schedule(t, self.steps))
-                            x_in = x_adv.detach().requires_grad_(True)
-                            attr, logits = self.attribution.attribute_and_logits(
-                                attacker, x_in, target, create_graph=True
-                            )
-                            maps = pixel_map(attr)
-                        grad = self._ascent_gradient(maps, logits, x_in, ctx, check)
-                    x_adv = self.threat.project(x_adv.detach() + self.update(grad, ctx, generator), x)
-        nan = torch.full_like(best_score, float("nan"))
-        return ExplanationAttackResult(
-            x_adv=best_x.detach().to(device=input_device, dtype=input_dtype),
-            kept=kept.to(input_device),
-            score=torch.where(kept, best_score, nan).to(input_device),
-            target=target.to(input_device),
-            maps_clean=maps_clean.to(input_device),
-            maps_adv=best_maps.detach().to(input_device),
-        )
+                    iterate = Iterate(run, x_adv, t)
+                    if t < self.steps:
+                        x_adv = self.threat.project(iterate.x + self.step(iterate, state, generator), x)
+                    if t > 0:  # the start is not judged
+                        maps_t, logits_t = iterate.judged()
+                        judge.observe(iterate.x, maps_t, logits_t, self.score(maps_t, state))
+        return judge.result(input_device, input_dtype)
 
 
-class TopKAttack(ExplanationAttack):
+@dataclass
+class MaskState(AttackState):
+    mask: torch.Tensor  # (H, W) or (N, H, W) weights of the pixels the objective sums
+
+
+class TopKAttack(ExplanationAttack[MaskState]):
     """Drain attribution mass from the clean map's top-k pixels: ``D = -sum_{p in topk(I(x))} I(x')_p``.
     Damage score: ``1 - top-k intersection``."""
 
     short_name = "topk"
 
-    def context(self, maps_clean, x, logits):
-        ctx = super().context(maps_clean, x, logits)
-        ctx["mask"] = topk_mask(maps_clean, ctx["k"]).to(maps_clean.dtype)
-        return ctx
+    def init_state(self, clean):
+        return MaskState(clean, topk_mask(clean.maps, clean.k).to(clean.maps.dtype))
 
-    def objective(self, maps, logits, ctx):
-        return -(maps * ctx["mask"]).sum(dim=(1, 2))
+    def objective(self, maps, logits, state):
+        return -(maps * state.mask).sum(dim=(1, 2))
 
-    def zero_gradient_cause(self, ctx):
-        nonzero = (ctx["maps_clean"] > 0).flatten(1).sum(dim=1)
-        if bool((nonzero <= ctx["k"]).all()):
+    def zero_gradient_cause(self, state):
+        k, nonzero = state.clean.k, (state.clean.maps > 0).flatten(1).sum(dim=1)
+        if bool((nonzero <= k).all()):
             return (
-                f"k={ctx['k']} covers every non-zero pixel of the clean maps (at most {int(nonzero.max())} here: "
+                f"k={k} covers every non-zero pixel of the clean maps (at most {int(nonzero.max())} here: "
                 "attributions that multiply by x - baseline vanish where the image equals the baseline), so the "
                 "mass in the top-k pixels is the whole, normalised map: a constant. Use a smaller k"
             )
         return None
 
-    def score(self, maps, ctx):
-        return 1 - topk_intersection(ctx["maps_clean"], maps, ctx["k"])
+    def score(self, maps, state):
+        return 1 - topk_intersection(state.clean.maps, maps, state.clean.k)
 
 
-class MassCenterAttack(ExplanationAttack):
+@dataclass
+class CenterState(AttackState):
+    center: torch.Tensor  # (N, 2) centre of mass of each clean map
+
+
+class MassCenterAttack(ExplanationAttack[CenterState]):
     """Move the map's centre of mass: ``D = ||C(I(x')) - C(I(x))||^2``. Damage score: the shift in pixels.
 
     It starts from a random point of the ball by default: at x' = x the objective is at its minimum, so its
@@ -251,19 +341,17 @@ class MassCenterAttack(ExplanationAttack):
     def __init__(self, *args: Any, random_start: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, random_start=random_start, **kwargs)
 
-    def context(self, maps_clean, x, logits):
-        ctx = super().context(maps_clean, x, logits)
-        ctx["center"] = center_of_mass(maps_clean)
-        return ctx
+    def init_state(self, clean):
+        return CenterState(clean, center_of_mass(clean.maps))
 
-    def objective(self, maps, logits, ctx):
-        return (center_of_mass(maps) - ctx["center"]).pow(2).sum(dim=1)
+    def objective(self, maps, logits, state):
+        return (center_of_mass(maps) - state.center).pow(2).sum(dim=1)
 
-    def score(self, maps, ctx):
-        return center_shift(ctx["maps_clean"], maps)
+    def score(self, maps, state):
+        return center_shift(state.clean.maps, maps)
 
 
-class TargetedAttack(ExplanationAttack):
+class TargetedAttack(ExplanationAttack[MaskState]):
     """Push attribution mass into a target region: ``D = sum_p I(x')_p T_p`` for a binary mask T. ``region`` is
     (row start, row end, column start, column end) as fractions of the image; ``mask`` (H, W) overrides it.
     Damage score: the share of the map's mass inside the region."""
@@ -289,19 +377,41 @@ class TargetedAttack(ExplanationAttack):
              round(c0 * width) : max(round(c1 * width), round(c0 * width) + 1)] = 1.0  # fmt: skip
         return mask
 
-    def context(self, maps_clean, x, logits):
-        ctx = super().context(maps_clean, x, logits)
-        ctx["mask"] = self.region_mask(*maps_clean.shape[1:], maps_clean.device).to(maps_clean.dtype)
-        return ctx
+    def init_state(self, clean):
+        return MaskState(clean, self.region_mask(*clean.maps.shape[1:], clean.maps.device).to(clean.maps.dtype))
 
-    def objective(self, maps, logits, ctx):
-        return (maps * ctx["mask"]).sum(dim=(1, 2))
+    def objective(self, maps, logits, state):
+        return (maps * state.mask).sum(dim=(1, 2))
 
-    def score(self, maps, ctx):
-        return (maps * ctx["mask"]).sum(dim=(1, 2)) / maps.sum(dim=(1, 2)).clamp_min(1e-12)
+    def score(self, maps, state):
+        return (maps * state.mask).sum(dim=(1, 2)) / maps.sum(dim=(1, 2)).clamp_min(1e-12)
 
 
-class TargetMapAttack(ExplanationAttack):
+class AdamDirection:
+    """The update of `torch.optim.Adam` (betas 0.9 / 0.999, bias-corrected, eps 1e-8) at unit learning rate for
+    a sequence of ascent gradients. It is read off a parameter zeroed before each step, so that the attack keeps
+    its (per-sample) step size and its projection onto the ball while Adam keeps the moments."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        self.param = torch.zeros_like(like, requires_grad=True)
+        self.optimizer = torch.optim.Adam([self.param], lr=1.0, maximize=True)
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.param.zero_()
+        self.param.grad = grad.detach()
+        self.optimizer.step()
+        return self.param.detach().clone()
+
+
+@dataclass
+class TargetMapState(AttackState):
+    target_map: torch.Tensor  # (N, H, W) each sample's target map, normalised to sum 1
+    probs: torch.Tensor  # (N, C) the clean output the attack must keep
+    adam: AdamDirection  # Adam's moments, fresh with each restart
+
+
+class TargetMapAttack(ExplanationAttack[TargetMapState]):
     """Dombrowski et al.'s manipulation: make the map of x look like a target map ``h_t`` while the output stays,
     minimising ``||h(x') - h_t||^2 + gamma * ||softmax(x') - softmax(x)||^2`` with Adam (learning rate
     ``step_size``), projected onto the ball after each step. ``h`` is the pixel map normalised to sum 1. The
@@ -316,47 +426,33 @@ class TargetMapAttack(ExplanationAttack):
         super().__init__(*args, **kwargs)
         self.gamma = gamma
 
-    def context(self, maps_clean, x, logits):
-        ctx = super().context(maps_clean, x, logits)
-        hw = maps_clean.shape[1] * maps_clean.shape[2]
-        h, w = maps_clean.shape[1:]
-        ctx["target_map"] = torch.roll(maps_clean, shifts=(h // 2, w // 2), dims=(1, 2)) / hw
-        ctx["probs"] = logits.softmax(dim=1)
-        return ctx
+    def init_state(self, clean):
+        h, w = clean.maps.shape[1:]
+        target_map = torch.roll(clean.maps, shifts=(h // 2, w // 2), dims=(1, 2)) / (h * w)
+        return TargetMapState(clean, target_map, clean.logits.softmax(dim=1), AdamDirection(clean.x))
 
-    def _map_distance(self, maps, ctx):
+    def _map_distance(self, maps, state):
         hw = maps.shape[1] * maps.shape[2]
-        return (maps / hw - ctx["target_map"]).pow(2).sum(dim=(1, 2))
+        return (maps / hw - state.target_map).pow(2).sum(dim=(1, 2))
 
-    def score(self, maps, ctx):
-        return -self._map_distance(maps, ctx)
+    def score(self, maps, state):
+        return -self._map_distance(maps, state)
 
-    def objective(self, maps, logits, ctx):
-        out_change = (logits.softmax(dim=1) - ctx["probs"]).pow(2).sum(dim=1)
-        return -(self._map_distance(maps, ctx) + self.gamma * out_change)
+    def objective(self, maps, logits, state):
+        out_change = (logits.softmax(dim=1) - state.probs).pow(2).sum(dim=1)
+        return -(self._map_distance(maps, state) + self.gamma * out_change)
 
-    def update(self, grad, ctx, generator):
-        # Adam (betas 0.9 / 0.999, bias-corrected) on the ascent direction; moments restart with each run.
-        if "adam" not in ctx:
-            ctx["adam"] = [torch.zeros_like(grad), torch.zeros_like(grad), 0]
-        m, v, t = ctx["adam"]
-        t += 1
-        m.mul_(0.9).add_(grad, alpha=0.1)
-        v.mul_(0.999).addcmul_(grad, grad, value=0.001)
-        ctx["adam"][2] = t
-        return _scaled(self.step_size, (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8))
+    def step(self, iterate, state, generator):
+        return _scaled(self.step_size, state.adam(self.ascent(iterate, state)))
 
 
-class RandomSignAttack(ExplanationAttack):
+class RandomSignAttack(ExplanationAttack[AttackState]):
     """The baseline of the same budget: random-sign steps clipped to the ball (one step of size eps by default,
     ``x + eps * sign(N(0, I))`` as in the paper; more steps give the code's random walk). No gradient, no
     selection: the last label-preserving iterate is kept. Damage score: ``1 - top-k intersection``, so it
     compares directly with `TopKAttack`."""
 
     short_name = "random_sign"
-
-    tracks_best = False
-    uses_gradient = False
 
     def __init__(
         self,
@@ -373,11 +469,13 @@ class RandomSignAttack(ExplanationAttack):
     def step_size(self) -> float:
         return self._step_size if self._step_size is not None else self.threat.eps
 
-    def update(self, grad, ctx, generator):
-        x = ctx["maps_clean"]
-        shape = ctx["input_shape"]
-        noise = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+    def step(self, iterate, state, generator):
+        maps = state.clean.maps  # the noise is drawn in the maps' dtype (as since the attack was written)
+        noise = torch.randn(iterate.x.shape, generator=generator, device=maps.device, dtype=maps.dtype)
         return _scaled(self.step_size, noise.sign())
 
-    def score(self, maps, ctx):
-        return 1 - topk_intersection(ctx["maps_clean"], maps, ctx["k"])
+    def score(self, maps, state):
+        return 1 - topk_intersection(state.clean.maps, maps, state.clean.k)
+
+    def judge(self, clean):
+        return LastEligible(clean)
