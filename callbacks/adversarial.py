@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torchmetrics import Metric
+from torchmetrics import MetricCollection
 
 from robustattr.attacks import BIM, PGD
 from robustattr.attacks.base import with_seed
@@ -37,22 +37,23 @@ class AdversarialValidation(AttackCallback):
             for eps in epsilons
         }
 
-    def build_metrics(self) -> dict[str, Metric]:
-        metrics: dict[str, Metric] = {"adv/clean_acc": RobustAccuracy()}
+    def build_metrics(self) -> dict[str, MetricCollection]:
+        collections = {"adv/clean": MetricCollection({"clean_acc": RobustAccuracy()}, prefix="adv/")}
         for prefix in self.settings:
-            metrics[f"{prefix}/acc"] = RobustAccuracy()
-            metrics[f"{prefix}/success"] = AttackSuccessRate()
-        return metrics
+            # different inputs, different states: no compute group (torchmetrics would merge metrics whose
+            # states happen to be equal after the first batch)
+            acc_and_success = {"acc": RobustAccuracy(), "success": AttackSuccessRate()}
+            collections[prefix] = MetricCollection(acc_and_success, prefix=f"{prefix}/", compute_groups=False)
+        return collections
 
     def process(self, model, x, y, seed):
-        metrics = self.metrics()
+        collections = self.metrics()
         with torch.no_grad():
             logits = model(x)
-        metrics["adv/clean_acc"].update(logits, y)
+        collections["adv/clean"].update(logits, y)
         pred = logits.argmax(dim=1)
         for prefix, attack in self.settings.items():
             x_adv = with_seed(attack, seed)(model, x, y)
             with torch.no_grad():
                 logits_adv = model(x_adv)
-            metrics[f"{prefix}/acc"].update(logits_adv, y)
-            metrics[f"{prefix}/success"].update(pred, logits_adv.argmax(dim=1), y)
+            collections[prefix].update(logits_adv=logits_adv, y=y, pred_clean=pred, pred_adv=logits_adv.argmax(dim=1))

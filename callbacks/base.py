@@ -10,8 +10,9 @@
 - Work runs under `gradient_context`: gradients on even inside ``trainer.validate`` / ``trainer.test``
   (inference mode), modules in eval mode (BatchNorm statistics frozen), parameters frozen (their ``.grad``
   untouched), everything restored afterwards. The model is reached only through its public forward.
-- Metrics are torchmetrics that gather per-sample values across processes; every process logs the same
-  synced value (so ModelCheckpoint can monitor it on any rank); media go out from rank 0 only.
+- Metrics are torchmetrics collections, one per setting (an attack at an epsilon), updated together and synced
+  across processes (sum and count states); every process logs the same synced value (so ModelCheckpoint can
+  monitor it on any rank); media go out from rank 0 only.
 - Each run prints and logs its own cost in seconds.
 """
 
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
 
 from robustattr.attacks.base import gradient_context
 from robustattr.data.base import seeded_subset
@@ -88,8 +89,9 @@ class AttackCallback(pl.Callback):
         self.last_seconds: float | None = None
 
     # -- what a subclass defines -------------------------------------------------------------------------------
-    def build_metrics(self) -> dict[str, Metric]:
-        """The metrics, by logged name without the stage (``adv/bim_linf8/acc``)."""
+    def build_metrics(self) -> dict[str, MetricCollection]:
+        """The metrics, one collection per setting updated together, keyed by the setting's logged prefix without
+        the stage; each collection's ``prefix`` gives its names (``adv/bim_linf8/`` + ``acc``)."""
         raise NotImplementedError
 
     def process(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> None:
@@ -97,10 +99,15 @@ class AttackCallback(pl.Callback):
         raise NotImplementedError
 
     # -- machinery ---------------------------------------------------------------------------------------------
-    def metrics(self) -> dict[str, Metric]:
+    def metrics(self) -> dict[str, MetricCollection]:
         if getattr(self, "_metrics", None) is None:
             self._metrics = self.build_metrics()
         return self._metrics
+
+    def named_metrics(self) -> Iterator[tuple[str, Metric]]:
+        """Every metric by its logged name without the stage."""
+        for collection in self.metrics().values():
+            yield from collection.items(keep_base=False, copy_state=False)
 
     def subset(self, trainer: pl.Trainer, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         dataset = eval_dataset(trainer, stage)
@@ -125,17 +132,18 @@ class AttackCallback(pl.Callback):
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> dict[str, torch.Tensor]:
         start = time.perf_counter()
-        metrics = self.metrics()
-        for metric in metrics.values():
-            metric.to(pl_module.device)
-            metric.reset()
+        collections = self.metrics().values()
+        with torch.inference_mode(False):  # states made under validate's inference mode could not be updated
+            for collection in collections:
+                collection.to(pl_module.device)
+                collection.reset()
         x_all, y_all = self.subset(trainer, stage)
         with gradient_context(pl_module), rank_zero_buffers(pl_module):
             for c, part in self.chunks(len(x_all), trainer.global_rank, trainer.world_size):
                 x = x_all[part].to(pl_module.device).clone()  # fresh tensors, whatever the caller's mode
                 y = y_all[part].to(pl_module.device).clone()
                 self.process(pl_module, x, y, self.seed + c)
-        values = {name: metric.compute() for name, metric in metrics.items()}  # syncs across processes
+        values = {name: value for collection in collections for name, value in collection.compute().items()}
         for name, value in values.items():
             pl_module.log(f"{stage}/{name}", value, sync_dist=False)
         self.last_seconds = time.perf_counter() - start
@@ -160,7 +168,7 @@ class AttackCallback(pl.Callback):
             return
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                for name, metric in self.metrics().items():
+                for name, metric in self.named_metrics():
                     if metric.higher_is_better is not None:
                         summary = "max" if metric.higher_is_better else "min"
                         logger.experiment.define_metric(f"val/{name}", summary=summary)

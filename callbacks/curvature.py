@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import torch
-from torchmetrics import Metric
+from torchmetrics import MetricCollection
 
 from robustattr.callbacks.base import AttackCallback
 from robustattr.metrics import PerSampleMean, top_hessian_eigenvalue
 
 
-class _Mean(PerSampleMean):
+class _GradientNorm(PerSampleMean):
     higher_is_better = False
+
+    def update(self, grad_norm: torch.Tensor) -> None:
+        self._add(grad_norm)
+
+
+class _TopEigenvalue(PerSampleMean):
+    higher_is_better = False
+
+    def update(self, hessian_top_eig: torch.Tensor) -> None:
+        self._add(hessian_top_eig)
 
 
 class CurvatureMonitor(AttackCallback):
@@ -31,12 +41,11 @@ class CurvatureMonitor(AttackCallback):
         super().__init__(num_samples, batch_size, every_n_epochs, seed)
         self.power_iters = power_iters
 
-    def build_metrics(self) -> dict[str, Metric]:
-        return {"curv/grad_norm": _Mean(), "curv/hessian_top_eig": _Mean()}
+    def build_metrics(self) -> dict[str, MetricCollection]:
+        metrics = {"grad_norm": _GradientNorm(), "hessian_top_eig": _TopEigenvalue()}
+        return {"curv": MetricCollection(metrics, prefix="curv/", compute_groups=False)}
 
     def process(self, model, x, y, seed):
-        metrics = self.metrics()
         generator = torch.Generator(device=x.device).manual_seed(seed)
         norms, eigs = top_hessian_eigenvalue(model, x, y, self.power_iters, generator)
-        metrics["curv/grad_norm"].update(norms)
-        metrics["curv/hessian_top_eig"].update(eigs)
+        self.metrics()["curv"].update(grad_norm=norms, hessian_top_eig=eigs)

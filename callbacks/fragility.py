@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import copy
 
-from torchmetrics import Metric
+from torchmetrics import MetricCollection
 
 from robustattr.attacks import ExplanationAttack, RandomSignAttack, TopKAttack
 from robustattr.attacks.base import with_seed
 from robustattr.attributions import Attribution, Saliency
 from robustattr.callbacks.base import AttackCallback
-from robustattr.metrics import MAP_METRICS, LabelKeptRate, map_metrics
+from robustattr.metrics import fragility_collection
 
 
 class FragilityValidation(AttackCallback):
@@ -48,18 +48,11 @@ class FragilityValidation(AttackCallback):
                     name = f"frag/{method.short_name}/{attack.short_name}_{configured.threat.label}"
                     self.settings[name] = configured
 
-    def build_metrics(self) -> dict[str, Metric]:
-        metrics: dict[str, Metric] = {}
-        for prefix in self.settings:
-            metrics.update({f"{prefix}/{name}": metric for name, metric in map_metrics(self.k).items()})
-            metrics[f"{prefix}/label_kept"] = LabelKeptRate()
-        return metrics
+    def build_metrics(self) -> dict[str, MetricCollection]:
+        return {prefix: fragility_collection(self.k, prefix=f"{prefix}/") for prefix in self.settings}
 
     def process(self, model, x, y, seed):
-        metrics = self.metrics()
+        collections = self.metrics()
         for prefix, attack in self.settings.items():
             result = with_seed(attack, seed).run(model, x, y)
-            clean, adv, kept = result.maps_clean, result.maps_adv, result.kept
-            for name in MAP_METRICS:
-                metrics[f"{prefix}/{name}"].update(clean, adv, kept)
-            metrics[f"{prefix}/label_kept"].update(kept)
+            collections[prefix].update(maps_clean=result.maps_clean, maps_adv=result.maps_adv, kept=result.kept)

@@ -4,6 +4,7 @@ import torch
 from scipy import stats
 
 from robustattr.metrics import (
+    MAP_METRICS,
     AttackSuccessRate,
     CenterShift,
     KendallTau,
@@ -16,6 +17,7 @@ from robustattr.metrics import (
     center_shift,
     cosine_distance,
     kendall_tau,
+    map_collection,
     pixel_map,
     spearman,
     topk_intersection,
@@ -90,7 +92,7 @@ def test_metric_classes_accumulate_per_sample_values_over_kept_samples():
     b = a.clone()
     b[2:] = torch.rand(2, 6, 6)
     kept = torch.tensor([True, True, False, True])
-    topk = TopKIntersection(k=5)
+    topk = TopKIntersection(k=5, per_sample=True)
     topk.update(a, b, kept)
     expected = topk_intersection(a, b, 5)[kept]
     torch.testing.assert_close(topk.per_sample(), expected)
@@ -114,3 +116,59 @@ def test_metric_classes_accumulate_per_sample_values_over_kept_samples():
     asr.update(torch.tensor([0, 1, 0]), torch.tensor([1, 1, 0]), torch.tensor([0, 1, 2]))
     assert asr.compute().item() == 0.5  # the clean-misclassified sample is not counted
     assert TopKIntersection(k=3).compute().isnan()  # nothing seen yet
+
+
+def test_means_keep_sums_and_counts_and_per_sample_values_only_when_asked():
+    """A scalar mean needs no per-sample state: sum and count (all-reduced under DDP), whatever the samples."""
+    assert set(TopKIntersection()._defaults) == {"sums", "counts"}
+    assert set(RobustAccuracy()._defaults) == {"mean_value", "weight"}
+    assert set(TopKIntersection(per_sample=True)._defaults) == {"sums", "counts", "values"}
+    assert set(LabelKeptRate(per_sample=True)._defaults) == {"mean_value", "weight", "values"}
+    rate = LabelKeptRate()
+    rate.update(torch.tensor([True, False]))
+    with pytest.raises(ValueError, match="per_sample=True"):
+        rate.per_sample()
+    spread = LabelKeptRate(per_sample=True)
+    spread.update(torch.tensor([True, False]))
+    assert spread.per_sample().tolist() == [1.0, 0.0] and spread.compute() == rate.compute() == 0.5
+
+
+def test_the_map_collection_scores_a_batch_once_for_all_its_members(monkeypatch):
+    """The map metrics of one setting share one state (a torchmetrics compute group): each batch is scored once
+    per registered metric, and every member reports what it reports on its own."""
+    calls = {name: 0 for name in MAP_METRICS}
+    for name, cls in MAP_METRICS.items():
+
+        def counted(a, b, k, _fn=cls.fn, _name=name):
+            calls[_name] += 1
+            return _fn(a, b, k)
+
+        monkeypatch.setattr(cls, "fn", staticmethod(counted))
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(12, 6, 6, generator=g)
+    b = a + 0.3 * torch.rand(12, 6, 6, generator=g)
+    b[5] = 1.0  # a constant map: Spearman and Kendall NaN for that sample only, dropped by those two alone
+    kept = torch.ones(12, dtype=torch.bool)
+    kept[[1, 7]] = False
+    collection = map_collection(k=4, prefix="frag/x/")
+    assert list(collection.compute_groups.values()) == [list(MAP_METRICS)]
+    for part in (slice(0, 5), slice(5, 12)):
+        collection.update(a[part], b[part], kept[part])
+    assert calls == {name: 2 for name in MAP_METRICS}  # two batches, each scored once for the whole collection
+    values = collection.compute()
+    assert set(values) == {f"frag/x/{name}" for name in MAP_METRICS}
+    for name, cls in MAP_METRICS.items():
+        alone = cls(k=4)
+        alone.update(a, b, kept)
+        torch.testing.assert_close(values[f"frag/x/{name}"], alone.compute())
+    expected = {
+        "topk_intersection": topk_intersection(a, b, 4),
+        "spearman": spearman(a, b),
+        "kendall": kendall_tau(a, b),
+        "center_shift": center_shift(a, b),
+        "cosine_distance": cosine_distance(a, b),
+    }
+    for name, per_sample in expected.items():
+        chosen = per_sample[kept]
+        torch.testing.assert_close(values[f"frag/x/{name}"], chosen[~chosen.isnan()].mean())
+    assert spearman(a, b)[5].isnan() and not topk_intersection(a, b, 4)[5].isnan()

@@ -8,7 +8,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from robustattr.metrics import LabelKeptRate, SpearmanCorrelation, TopKIntersection, spearman, topk_intersection
+from robustattr.metrics import (
+    LabelKeptRate,
+    SpearmanCorrelation,
+    TopKIntersection,
+    kendall_tau,
+    map_collection,
+    spearman,
+    topk_intersection,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -26,11 +34,15 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     a, b, kept = _data()
     shard = slice(rank * 5, (rank + 1) * 5)  # uneven kept counts per process on purpose
-    topk, rho, rate = TopKIntersection(k=4), SpearmanCorrelation(), LabelKeptRate()
+    topk, rho, rate = TopKIntersection(k=4, per_sample=True), SpearmanCorrelation(), LabelKeptRate()
     topk.update(a[shard], b[shard], kept[shard])
     rho.update(a[shard], b[shard], kept[shard])
     rate.update(kept[shard])
-    out[rank] = (topk.compute().item(), rho.compute().item(), rate.compute().item(), topk.per_sample().numel())
+    collection = map_collection(k=4)  # one compute group: the shared state syncs for every member
+    collection.update(a[shard], b[shard], kept[shard])
+    values = collection.compute()
+    out[rank] = (topk.compute().item(), rho.compute().item(), rate.compute().item(), topk.per_sample().numel(),
+                 values["topk_intersection"].item(), values["kendall"].item())  # fmt: skip
     dist.destroy_process_group()
 
 
@@ -46,6 +58,8 @@ def test_two_processes_report_the_single_process_values():
         spearman(a, b)[kept].mean().item(),
         kept.float().mean().item(),
         int(kept.sum()),
+        topk_intersection(a, b, 4)[kept].mean().item(),
+        kendall_tau(a, b)[kept].mean().item(),
     )
     for rank in (0, 1):
         assert out[rank] == pytest.approx(expected, abs=1e-6)

@@ -12,7 +12,8 @@ from robustattr.metrics.classes import (
     RobustAccuracy,
     SpearmanCorrelation,
     TopKIntersection,
-    map_metrics,
+    fragility_collection,
+    map_collection,
 )
 from robustattr.metrics.diagnostics import top_hessian_eigenvalue
 from robustattr.metrics.functional import (
@@ -46,10 +47,11 @@ __all__ = [
     "center_shift",
     "cosine_distance",
     "default_k",
+    "fragility_collection",
     "functional",
     "kendall_tau",
     "label_kept",
-    "map_metrics",
+    "map_collection",
     "pixel_map",
     "robust_accuracy",
     "spearman",

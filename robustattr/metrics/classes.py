@@ -1,116 +1,180 @@
 """Thin torchmetrics wrappers around `robustattr.metrics.functional`.
 
-Each metric keeps its per-sample values (state reduced with ``cat``, so under DDP every process ends with
-all samples) and reports their mean. Fragility metrics take a ``kept`` mask: only samples whose label the
+Each metric reports a mean over samples from sum and count states (all-reduced under DDP: a few numbers per
+metric whatever the number of samples); ``per_sample=True`` also keeps every sample's value (a ``cat`` state,
+gathered under DDP) for `per_sample`. Fragility metrics take a ``kept`` mask: only samples whose label the
 attack kept count (REFERENCE.md section 1), and `LabelKeptRate` reports that share alongside.
+
+The map metrics (one registry, `MAP_METRICS`) compare the same pair of maps: `map_collection` builds them as one
+torchmetrics `MetricCollection` whose members share one state (one compute group), so a batch is scored once
+for all of them, and each member reads its own entry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 import torch
-from torchmetrics import Metric
+from torchmetrics import MeanMetric, Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 
 from robustattr.metrics import functional as F
 
 
-class PerSampleMean(Metric):
-    """Mean over samples of a per-sample value; NaN values (samples outside the metric's scope) are dropped."""
+def _no_values(metric: Metric) -> ValueError:
+    return ValueError(f"{type(metric).__name__} keeps no per-sample values: construct it with per_sample=True")
+
+
+class PerSampleMean(MeanMetric):
+    """Mean over samples of a per-sample value; NaN values (samples outside the metric's scope) and samples
+    outside ``keep`` are dropped; NaN when no sample counted."""
 
     full_state_update = False
     higher_is_better: bool | None = None
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("values", default=[], dist_reduce_fx="cat")
+    def __init__(self, per_sample: bool = False, **kwargs) -> None:
+        super().__init__(nan_strategy="ignore", **kwargs)
+        self.keeps_values = per_sample
+        if per_sample:
+            self.add_state("values", default=[], dist_reduce_fx="cat")
 
     def _add(self, values: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         values = values.detach().float().reshape(-1)
         if keep is not None:
-            values = values[keep.reshape(-1).bool()]
-        self.values.append(values[~values.isnan()])
+            values = values[keep.reshape(-1).bool().to(values.device)]
+        values = values[~values.isnan()]
+        super().update(values)
+        if self.keeps_values:
+            self.values.append(values)
 
     def update(self, values: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         self._add(values, keep)
 
-    def _current(self) -> torch.Tensor:
-        # The state is a list of tensors while updating, one concatenated tensor once synced.
-        if isinstance(self.values, list) and not self.values:
-            return torch.empty(0, device=self.device)
-        return dim_zero_cat(self.values)
-
     def per_sample(self) -> torch.Tensor:
-        """Every sample's value; under DDP those of all processes (in process order)."""
+        """Every counted sample's value; under DDP those of all processes (in process order)."""
+        if not self.keeps_values:
+            raise _no_values(self)
         with self.sync_context(should_sync=not self._is_synced):
-            return self._current().clone()
+            # The state is a list of tensors while updating, one concatenated tensor once synced.
+            if isinstance(self.values, list) and not self.values:
+                return torch.empty(0, device=self.device)
+            return dim_zero_cat(self.values).clone()
 
-    def compute(self) -> torch.Tensor:
-        values = self._current()  # compute() runs on the synced state already
-        return values.mean() if values.numel() else torch.tensor(float("nan"), device=self.device)
 
+class _MapMetric(Metric):
+    """A metric comparing clean with perturbed maps, over the samples whose label was kept (NaN scores dropped).
 
-class _MapMetric(PerSampleMean):
-    fn: Callable[..., torch.Tensor]
+    Its state holds the sums and counts of the scores of ``group``: the registered map metrics scored together
+    (by default only itself). Members of one `map_collection` share one ``group`` and so one state: torchmetrics
+    updates the first and hands its state to the others (a compute group)."""
+
+    full_state_update = False
+    name: ClassVar[str]
+    higher_is_better: bool | None = None
+
+    def __init__(
+        self, k: int | None = None, per_sample: bool = False, group: Sequence[str] | None = None, **kwargs
+    ) -> None:
+        super().__init__(**kwargs)
+        self.k = k
+        self.group = tuple(group) if group is not None else (self.name,)
+        if self.name not in self.group or not set(self.group) <= set(MAP_METRICS):
+            raise ValueError(f"{type(self).__name__}: group {self.group} must hold {self.name!r} and only names of "
+                             f"MAP_METRICS ({', '.join(MAP_METRICS)})")  # fmt: skip
+        self.keeps_values = per_sample
+        self.add_state("sums", default=torch.zeros(len(self.group)), dist_reduce_fx="sum")
+        self.add_state("counts", default=torch.zeros(len(self.group)), dist_reduce_fx="sum")
+        if per_sample:
+            self.add_state("values", default=[], dist_reduce_fx="cat")
 
     def scores(self, maps_clean: torch.Tensor, maps_adv: torch.Tensor) -> torch.Tensor:
-        return type(self).fn(maps_clean, maps_adv)
+        """(N,) this metric's score of each sample."""
+        return MAP_METRICS[self.name].fn(maps_clean, maps_adv, self.k)
 
     def update(self, maps_clean: torch.Tensor, maps_adv: torch.Tensor, kept: torch.Tensor | None = None) -> None:
-        self._add(self.scores(maps_clean, maps_adv), kept)
+        if kept is not None:
+            keep = kept.reshape(-1).bool().to(maps_clean.device)
+            maps_clean, maps_adv = maps_clean[keep], maps_adv[keep]
+        rows = torch.stack([MAP_METRICS[name].fn(maps_clean, maps_adv, self.k) for name in self.group], dim=1)
+        rows = rows.detach().float().to(self.sums.device)
+        counted = ~rows.isnan()
+        self.sums += rows.nan_to_num(0.0).sum(dim=0)
+        self.counts += counted.sum(dim=0)
+        if self.keeps_values:
+            self.values.append(rows)
+
+    def compute(self) -> torch.Tensor:
+        i = self.group.index(self.name)
+        return self.sums[i] / self.counts[i]  # NaN (0 / 0) when no sample counted
+
+    def per_sample(self) -> torch.Tensor:
+        """Every counted sample's value; under DDP those of all processes (in process order)."""
+        if not self.keeps_values:
+            raise _no_values(self)
+        with self.sync_context(should_sync=not self._is_synced):
+            if isinstance(self.values, list) and not self.values:
+                return torch.empty(0, device=self.device)
+            column = dim_zero_cat(self.values)[:, self.group.index(self.name)]
+            return column[~column.isnan()].clone()
 
 
 class TopKIntersection(_MapMetric):
     """Share of the clean map's top-k pixels still in the perturbed map's top-k (higher: more robust).
     ``k=None`` takes the size rule of `default_k` from the maps' height and width."""
 
+    name = "topk_intersection"
     higher_is_better = True
 
-    def __init__(self, k: int | None = None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.k = k
+    @staticmethod
+    def fn(maps_clean: torch.Tensor, maps_adv: torch.Tensor, k: int | None) -> torch.Tensor:
+        return F.topk_intersection(maps_clean, maps_adv, k or F.default_k(*maps_clean.shape[1:]))
 
-    def scores(self, maps_clean: torch.Tensor, maps_adv: torch.Tensor) -> torch.Tensor:
-        return F.topk_intersection(maps_clean, maps_adv, self.k or F.default_k(*maps_clean.shape[1:]))
+
+def _ignoring_k(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    return staticmethod(lambda maps_clean, maps_adv, k: fn(maps_clean, maps_adv))
 
 
 class SpearmanCorrelation(_MapMetric):
+    name = "spearman"
     higher_is_better = True
-    fn = staticmethod(F.spearman)
+    fn = _ignoring_k(F.spearman)
 
 
 class KendallTau(_MapMetric):
+    name = "kendall"
     higher_is_better = True
-    fn = staticmethod(F.kendall_tau)
+    fn = _ignoring_k(F.kendall_tau)
 
 
 class CenterShift(_MapMetric):
     """Distance in pixels between the centres of mass of the clean and perturbed maps."""
 
+    name = "center_shift"
     higher_is_better = False
-    fn = staticmethod(F.center_shift)
+    fn = _ignoring_k(F.center_shift)
 
 
 class CosineDistance(_MapMetric):
+    name = "cosine_distance"
     higher_is_better = False
-    fn = staticmethod(F.cosine_distance)
+    fn = _ignoring_k(F.cosine_distance)
 
 
 # The one registry of the metrics comparing a clean map with a perturbed one: the names every callback logs
 # (``val/frag/<method>/<attack>_<eps>/<name>``) and every audit table and report.json key uses.
 MAP_METRICS: dict[str, type[_MapMetric]] = {
-    "topk_intersection": TopKIntersection,
-    "spearman": SpearmanCorrelation,
-    "kendall": KendallTau,
-    "center_shift": CenterShift,
-    "cosine_distance": CosineDistance,
+    cls.name: cls for cls in (TopKIntersection, SpearmanCorrelation, KendallTau, CenterShift, CosineDistance)
 }
 
 
-def map_metrics(k: int | None = None) -> dict[str, _MapMetric]:
-    """A fresh instance of every map metric by its registered name; ``k`` for the top-k intersection."""
-    return {name: cls(k=k) if cls is TopKIntersection else cls() for name, cls in MAP_METRICS.items()}
+def map_collection(k: int | None = None, prefix: str | None = None, per_sample: bool = False) -> MetricCollection:
+    """Every registered map metric by its name, as one collection scored once per batch (one compute group);
+    ``k`` for the top-k intersection. ``collection.update(maps_clean, maps_adv, kept)``; ``compute()`` gives
+    ``{prefix + name: mean}``."""
+    group = tuple(MAP_METRICS)
+    metrics = {name: cls(k=k, per_sample=per_sample, group=group) for name, cls in MAP_METRICS.items()}
+    return MetricCollection(metrics, prefix=prefix, compute_groups=[list(group)])
 
 
 class LabelKeptRate(PerSampleMean):
@@ -138,3 +202,11 @@ class AttackSuccessRate(PerSampleMean):
         target: torch.Tensor | None = None,
     ) -> None:
         self._add(F.attack_success(pred_clean, pred_adv, y, target))
+
+
+def fragility_collection(k: int | None = None, prefix: str | None = None) -> MetricCollection:
+    """What one explanation attack setting reports, in a callback and in the audit alike: every map metric (one
+    compute group, see `map_collection`) and the label-kept rate. ``update(maps_clean=, maps_adv=, kept=)``."""
+    collection = map_collection(k, prefix)
+    collection.add_metrics({"label_kept": LabelKeptRate()})
+    return collection

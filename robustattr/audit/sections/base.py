@@ -147,12 +147,6 @@ def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def mean(values: list[torch.Tensor]) -> float:
-    cat = torch.cat([v.flatten().float().cpu() for v in values]) if values else torch.empty(0)
-    cat = cat[~cat.isnan()]
-    return float(cat.mean()) if cat.numel() else float("nan")
-
-
 def predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(x.to(device_of(model))).float().cpu()

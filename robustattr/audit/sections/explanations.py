@@ -36,11 +36,10 @@ from robustattr.audit.sections.base import (
     Table,
     device_of,
     eps_label,
-    mean,
     stacked,
     sweep,
 )
-from robustattr.metrics import MAP_METRICS, map_metrics
+from robustattr.metrics import MAP_METRICS, TopKIntersection, fragility_collection
 from robustattr.metrics import functional as M
 from robustattr.models.activations import needs_smooth_surrogate
 from robustattr.viz import figure, grid, heatmap, panel_figure, style
@@ -81,13 +80,10 @@ def by_attack(methods: list[Attribution]) -> list[tuple[Attribution, list[Attrib
     return list(groups.values())
 
 
-def map_values(clean: torch.Tensor, adv: torch.Tensor, kept: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-    """Per sample, every registered map metric (NaN where the label was not kept) and ``label_kept``."""
-    nan = torch.full(kept.shape, float("nan"))
-    values = {name: metric.scores(clean, adv) for name, metric in map_metrics(k).items()}
-    out = {name: torch.where(kept, value.cpu().float(), nan) for name, value in values.items()}
-    out["label_kept"] = kept.float()
-    return out
+def fragility_row(collection) -> dict[str, float]:
+    """A computed `fragility_collection` as one row: every registered map metric, then ``label_kept``."""
+    values = collection.compute()
+    return {name: float(values[name]) for name in [*MAP_METRICS, "label_kept"]}
 
 
 def maps_of(method: Attribution, model, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -148,22 +144,24 @@ class ExplanationFragility(Section):
 
     def run(self, model, data, progress):
         groups = by_attack(self.methods)
-        values = {m.short_name: {a.short_name: [{} for _ in self.epsilons] for a in self.attacks} for m in self.methods}
+        metrics = {
+            m.short_name: {a.short_name: [fragility_collection(a.k) for _ in self.epsilons] for a in self.attacks}
+            for m in self.methods
+        }
         for c, x, y in data.batches(self.num_samples, len(self.epsilons)):
             for attack in self.attacks:
                 for through, members in groups:
                     swept = attack_sweep(model, through, members, attack, self.epsilons, x, y, data.seed + c)
                     for method, per_eps in swept.items():
-                        for i, (clean, adv, kept) in enumerate(per_eps):
-                            k = attack.k or M.default_k(*clean.shape[1:])
-                            for metric, v in map_values(clean, adv, kept, k).items():
-                                values[method][attack.short_name][i].setdefault(metric, []).append(v)
+                        for collection, (clean, adv, kept) in zip(metrics[method][attack.short_name], per_eps,
+                                                                  strict=True):  # fmt: skip
+                            collection.update(maps_clean=clean, maps_adv=adv, kept=kept)
                     progress(1)
         results: dict = {"epsilons": self.epsilons, "methods": {}}
-        for method, per_attack in values.items():
+        for method, per_attack in metrics.items():
             results["methods"][method] = {}
             for attack, per_eps in per_attack.items():
-                rows = [{metric: mean(v) for metric, v in row.items()} for row in per_eps]
+                rows = [fragility_row(collection) for collection in per_eps]
                 cosine = [0.0] + [row["cosine_distance"] for row in rows]
                 auc = np.trapezoid(np.nan_to_num(cosine, nan=0.0), [0.0, *self.epsilons]) / max(self.epsilons)
                 results["methods"][method][attack] = {"by_epsilon": rows, "auc_cosine_distance": float(auc)}
@@ -247,18 +245,17 @@ class AttributionTransfer(Section):
         names = [m.short_name for m in self.methods]
         matrix = np.zeros((len(names), len(names)))
         for i, crafted in enumerate(self.methods):
-            values: list[list[torch.Tensor]] = [[] for _ in names]
+            measured_on = [TopKIntersection(self.attack.k) for _ in names]
             for c, x, y in data.batches(self.num_samples):
                 attack = with_seed(self.attack, data.seed + c)
                 attack.attribution = attackable(crafted)
                 result = attack.run(model, x, y)
-                for j, measured in enumerate(self.methods):
+                for metric, measured in zip(measured_on, self.methods, strict=True):
                     clean = maps_of(measured, model, x, result.target)
                     adv = maps_of(measured, model, result.x_adv, result.target)
-                    k = self.attack.k or M.default_k(*clean.shape[1:])
-                    values[j].append(M.topk_intersection(clean, adv, k)[result.kept.cpu()])
+                    metric.update(clean, adv, result.kept.cpu())
                 progress(1)
-            matrix[i] = [mean(v) for v in values]
+            matrix[i] = [float(metric.compute()) for metric in measured_on]
         return {"methods": names, "epsilon": self.attack.threat.eps, "topk_intersection": matrix.tolist()}
 
     def render(self, results, context):
@@ -301,15 +298,13 @@ class SmoothingWithoutRetraining(Section):
         return (3 + len(self.betas)) * data.count(self.num_samples)
 
     def _measure(self, model, method, attack, data, progress) -> dict[str, float]:
-        values: dict[str, list[torch.Tensor]] = {}
+        collection = fragility_collection(attack.k)
         for c, x, y in data.batches(self.num_samples):
             ((clean, adv, kept),) = attack_sweep(model, method, [method], attack, [attack.threat.eps], x, y,
                                                  data.seed + c)[method.short_name]  # fmt: skip
-            k = attack.k or M.default_k(*clean.shape[1:])
-            for name, value in map_values(clean, adv, kept, k).items():
-                values.setdefault(name, []).append(value)
+            collection.update(maps_clean=clean, maps_adv=adv, kept=kept)
             progress(1)
-        return {name: mean(v) for name, v in values.items()}
+        return fragility_row(collection)
 
     def run(self, model, data, progress):
         rows = {}

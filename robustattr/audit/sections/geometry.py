@@ -11,9 +11,9 @@ from torch import nn
 from robustattr.attacks import BIM, LinfBall, choose_target
 from robustattr.attacks.base import gradient_context
 from robustattr.attributions import IntegratedGradients
-from robustattr.audit.sections.base import Rendered, Section, Table, device_of, eps_label, mean, predict
+from robustattr.audit.sections.base import Rendered, Section, Table, device_of, eps_label, predict
 from robustattr.errors import ConfigError
-from robustattr.metrics import top_hessian_eigenvalue
+from robustattr.metrics import PerSampleMean, top_hessian_eigenvalue
 from robustattr.viz import figure, grid, image_array, style
 
 
@@ -98,7 +98,7 @@ class ExplainingAway(Section):
     def run(self, model, data, progress):
         bim = BIM(LinfBall(self.epsilon), steps=self.steps, step_size=2.5 * self.epsilon / self.steps)
         scores: dict[str, list[torch.Tensor]] = {"clean": [], "random": [], "runner_up": []}
-        success: dict[str, list[torch.Tensor]] = {"random": [], "runner_up": []}
+        success = {"random": PerSampleMean(), "runner_up": PerSampleMean()}
         for c, x, y in data.batches(self.num_samples):
             logits = predict(model, x)
             pred = logits.argmax(1)
@@ -107,7 +107,7 @@ class ExplainingAway(Section):
                 target = choose_target(mode, logits, pred, torch.Generator().manual_seed(data.seed + c))
                 x_adv = bim(model, x, y, target=target)
                 reached = predict(model, x_adv).argmax(1) == target
-                success[mode].append(reached.float())
+                success[mode].update(reached.float())
                 scores[mode].append(self._coherence(model, x_adv[reached], target[reached]))
             progress(1)
         clean = torch.cat(scores["clean"])
@@ -116,7 +116,7 @@ class ExplainingAway(Section):
             adv = torch.cat(scores[mode])
             labels = np.r_[np.zeros(len(clean)), np.ones(len(adv))]
             auroc = roc_auc_score(labels, -np.r_[clean.numpy(), adv.numpy()]) if len(adv) else float("nan")
-            out[mode] = {"attack_success": mean(success[mode]), "detection_auroc": float(auroc),
+            out[mode] = {"attack_success": float(success[mode].compute()), "detection_auroc": float(auroc),
                          "coherence": [float(v) for v in adv]}  # fmt: skip
         return out
 

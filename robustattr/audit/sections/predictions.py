@@ -13,11 +13,11 @@ from robustattr.audit.sections.base import (
     Table,
     device_of,
     eps_label,
-    mean,
     predict,
     stacked,
     sweep,
 )
+from robustattr.metrics import PerSampleMean, RobustAccuracy, TopKIntersection
 from robustattr.metrics import functional as M
 from robustattr.viz import figure, heatmap, style
 
@@ -51,34 +51,35 @@ class RobustnessCurves(Section):
 
     def run(self, model, data, progress):
         attacks = {"fgsm": FGSM(), "bim": BIM(steps=self.steps), "pgd": PGD(steps=self.steps)}
-        correct = {name: [[] for _ in self.epsilons] for name in attacks}
-        clean = []
+        accuracy = {name: [RobustAccuracy() for _ in self.epsilons] for name in attacks}
+        clean = RobustAccuracy()
         copies = len(self.epsilons)
         for c, x, y in data.batches(copies=copies):
-            clean.append((predict(model, x).argmax(1) == y).float())
+            clean.update(predict(model, x), y)
             for name, attack in attacks.items():
                 swept = with_seed(sweep(attack, self.epsilons, len(x)), data.seed + c)
                 x_adv = swept(model, stacked(x, copies), stacked(y, copies))
-                hits = (predict(model, x_adv).argmax(1) == stacked(y, copies)).float()
-                for i, part in enumerate(hits.chunk(copies)):
-                    correct[name][i].append(part)
+                for metric, logits in zip(accuracy[name], predict(model, x_adv).chunk(copies), strict=True):
+                    metric.update(logits, y)
             progress(1)
         lbfgs = LBFGS(search_steps=self.lbfgs_search_steps, max_iter=self.lbfgs_max_iter, seed=data.seed)
-        distortions, found = [], []
+        found, distortion = PerSampleMean(), PerSampleMean(per_sample=True)  # the median, min and max need them all
+        attempted = 0
         for _, x, y in data.batches(self.lbfgs_samples):
+            attempted += len(x)
             result = lbfgs.run(model, x, y)
-            distortions.append(result.distortion[result.success])
-            found.append(result.success.float())
+            distortion.update(result.distortion, keep=result.success)
+            found.update(result.success.float())
             progress(1)
-        d = torch.cat(distortions) if distortions else torch.empty(0)
+        d = distortion.per_sample()
         return {
             "epsilons": self.epsilons,
-            "clean_accuracy": mean(clean),
-            "accuracy": {name: [mean(v) for v in per_eps] for name, per_eps in correct.items()},
+            "clean_accuracy": float(clean.compute()),
+            "accuracy": {name: [float(m.compute()) for m in per_eps] for name, per_eps in accuracy.items()},
             "lbfgs": {
-                "samples": int(sum(len(f) for f in found)),
-                "success_rate": mean(found),
-                "distortion_mean": float(d.mean()) if d.numel() else float("nan"),
+                "samples": attempted,
+                "success_rate": float(found.compute()),
+                "distortion_mean": float(distortion.compute()),
                 "distortion_median": float(d.median()) if d.numel() else float("nan"),
                 "distortion_min": float(d.min()) if d.numel() else float("nan"),
                 "distortion_max": float(d.max()) if d.numel() else float("nan"),
@@ -138,8 +139,8 @@ class Transferability(Section):
     def run_all(self, models, data, progress):
         names = list(models)
         n = len(names)
-        acc = [[[] for _ in names] for _ in range(n + 1)]  # last row: Gaussian noise
-        topk = [[[] for _ in names] for _ in names]
+        acc = [[RobustAccuracy() for _ in names] for _ in range(n + 1)]  # last row: Gaussian noise
+        topk = [[TopKIntersection() for _ in names] for _ in names]
         pgd = PGD(LinfBall(self.epsilon), steps=self.steps)
         explanation = TopKAttack(Saliency(), LinfBall(self.epsilon), steps=self.steps)
         for c, x, y in data.batches(self.num_samples):
@@ -149,26 +150,26 @@ class Transferability(Section):
                 noise_norms.append((x_adv - x).flatten(1).norm(dim=1))
                 result = with_seed(explanation, data.seed + c).run(models[source], x, y)
                 for j, target in enumerate(names):
-                    acc[i][j].append((predict(models[target], x_adv).argmax(1) == y).float())
+                    acc[i][j].update(predict(models[target], x_adv), y)
                     with gradient_context(models[target]):
                         device = device_of(models[target])
                         pred = predict(models[target], x).argmax(1).to(device)
                         clean = M.pixel_map(Saliency()(models[target], x.to(device), pred)).cpu()
                         adv = M.pixel_map(Saliency()(models[target], result.x_adv.to(device), pred)).cpu()
-                    topk[i][j].append(M.topk_intersection(clean, adv, M.default_k(*clean.shape[1:])))
+                    topk[i][j].update(clean, adv)
             gen = torch.Generator().manual_seed(data.seed + c)
             noise = torch.randn(x.shape, generator=gen)
             norm = torch.stack(noise_norms).mean(0)
             x_noise = (x + noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * norm.view(-1, 1, 1, 1)).clamp(0, 1)
             for j, target in enumerate(names):
-                acc[n][j].append((predict(models[target], x_noise).argmax(1) == y).float())
+                acc[n][j].update(predict(models[target], x_noise), y)
             progress(1)
         return {
             "models": names,
             "epsilon": self.epsilon,
-            "accuracy": [[mean(cell) for cell in row] for row in acc],
+            "accuracy": [[float(cell.compute()) for cell in row] for row in acc],
             "rows": [*names, "gaussian noise (same L2 norm)"],
-            "topk_intersection": [[mean(cell) for cell in row] for row in topk],
+            "topk_intersection": [[float(cell.compute()) for cell in row] for row in topk],
         }
 
     def render(self, result, context):
