@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from robustattr.derivatives import loss_hvp, per_sample_norm
+from robustattr.derivatives import loss_hvp, loss_input_gradient, per_sample_norm
 
 
 def top_hessian_eigenvalue(
@@ -14,8 +13,7 @@ def top_hessian_eigenvalue(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-sample input-gradient norms of the loss, per-sample top input-Hessian eigenvalue estimates) by
     ``iters`` power iterations on exact Hessian-vector products (double backprop, no parameter gradients)."""
-    x = x.detach().requires_grad_(True)
-    (g,) = torch.autograd.grad(F.cross_entropy(model(x), y, reduction="sum"), x, create_graph=True)
+    x, _, g = loss_input_gradient(model, x, y)
     v = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     eig = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
     for _ in range(iters):

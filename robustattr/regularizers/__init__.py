@@ -1,8 +1,15 @@
 """Objective terms added to the cross-entropy training loss (``RobustClassifier(terms=[...])``)."""
 
-from robustattr.derivatives import logit_jvp, logit_vjp, loss_hvp, per_sample_norm
+from robustattr.derivatives import (
+    frozen_norm_stats,
+    logit_jvp,
+    logit_vjp,
+    loss_hvp,
+    loss_input_gradient,
+    per_sample_norm,
+)
 from robustattr.regularizers.adversarial import TRADES, AdversarialCE, IGNorm, integrated_loss_gradients
-from robustattr.regularizers.base import ObjectiveTerm, frozen_norm_stats
+from robustattr.regularizers.base import ObjectiveTerm
 from robustattr.regularizers.smoothness import CURE, SSR, GradientNorm, HessianNorm
 
 __all__ = [
@@ -19,5 +26,6 @@ __all__ = [
     "logit_jvp",
     "logit_vjp",
     "loss_hvp",
+    "loss_input_gradient",
     "per_sample_norm",
 ]

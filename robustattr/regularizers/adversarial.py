@@ -18,9 +18,9 @@ from torch import nn
 from robustattr.attacks.base import gradient_context
 from robustattr.attacks.gradient import PGD, projected_ascent
 from robustattr.attacks.threat import LinfBall
-from robustattr.derivatives import at_least_fp32
+from robustattr.derivatives import at_least_fp32, frozen_norm_stats, loss_input_gradient
 from robustattr.errors import ConfigError
-from robustattr.regularizers.base import ObjectiveTerm, frozen_norm_stats
+from robustattr.regularizers.base import ObjectiveTerm
 
 
 class _Crafted(ObjectiveTerm):
@@ -120,7 +120,7 @@ def integrated_loss_gradients(
         point = x + (k / steps) * (x_adv - x)
         if not point.requires_grad:
             point = point.requires_grad_(True)
-        (g,) = torch.autograd.grad(F.cross_entropy(model(point), y, reduction="sum"), point, create_graph=True)
+        _, _, g = loss_input_gradient(model, point, y, model(point))  # through x_adv: its own forward, kept
         total = total + g
     return (x_adv - x) * total / steps
 

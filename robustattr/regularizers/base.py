@@ -7,7 +7,8 @@ grad), which saves a forward pass. They return an unweighted scalar, logged as `
 
 Rules every term follows (REFERENCE.md section 8): input gradients by ``torch.autograd.grad(create_graph=True)``,
 never ``.backward()``, so the training step ends in ONE ordinary backward of CE plus penalties (DDP-safe);
-extra forward passes run under `frozen_norm_stats`, so penalties never move BatchNorm statistics.
+extra forward passes run under `derivatives.frozen_norm_stats`, so penalties never move BatchNorm statistics;
+input gradients of the loss come from `derivatives.loss_input_gradient`.
 """
 
 from __future__ import annotations
@@ -19,33 +20,9 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from robustattr.derivatives import frozen_norm_stats, loss_input_gradient  # noqa: F401 (re-exported)
 from robustattr.errors import ConfigError
-
-
-@contextmanager
-def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
-    """Forward passes inside leave BatchNorm running statistics as they were. Modules keep their mode: in
-    training mode they still normalise with batch statistics (the function being trained).
-
-    The update is prevented rather than undone: with momentum 0 the running averages are rewritten with their
-    own values (BatchNorm saves them for backward, so they must not be modified in place afterwards); only
-    the batch counter, which backward never reads, is restored."""
-    saved = [
-        (m, m.momentum, m.num_batches_tracked.clone())
-        for m in model.modules()
-        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats and m.num_batches_tracked is not None
-    ]
-    for module, _, _ in saved:
-        module.momentum = 0.0
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for module, momentum, count in saved:
-                module.momentum = momentum
-                module.num_batches_tracked.copy_(count)
 
 
 def _snake(name: str) -> str:
@@ -126,18 +103,3 @@ def full_precision(device: torch.device) -> Iterator[None]:
     autocast, unlike the CPU's, runs matmuls in bf16 and casts nothing back before eigh."""
     with torch.autocast(device_type=device.type, enabled=False):
         yield
-
-
-def loss_input_gradient(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x, logits, g) with ``g = d sum_i CE_i / dx`` kept in the graph (create_graph). Reuses ``logits`` when
-    they were computed from an ``x`` that requires grad; otherwise runs its own forward with frozen
-    BatchNorm statistics."""
-    if logits is None or not x.requires_grad:
-        x = x.detach().requires_grad_(True)
-        with frozen_norm_stats(model):
-            logits = model(x)
-    ce = torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-    (g,) = torch.autograd.grad(ce, x, create_graph=True)
-    return x, logits, g

@@ -10,18 +10,19 @@ from contextlib import nullcontext
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from robustattr.derivatives import at_least_fp32, logit_jvp, logit_vjp, loss_hvp, per_sample_norm
-from robustattr.errors import ConfigError
-from robustattr.regularizers.base import (
-    ObjectiveTerm,
+from robustattr.derivatives import (
+    at_least_fp32,
     frozen_norm_stats,
-    full_precision,
+    logit_jvp,
+    logit_vjp,
+    loss_hvp,
     loss_input_gradient,
-    per_sample_sq_norm,
+    per_sample_norm,
 )
+from robustattr.errors import ConfigError
+from robustattr.regularizers.base import ObjectiveTerm, full_precision, per_sample_sq_norm
 
 _RELU_NOTE = (
     "the network's logits have zero input curvature almost everywhere, so the input Hessian of the loss is "
@@ -70,10 +71,8 @@ class CURE(ObjectiveTerm):
             x, _, g0 = loss_input_gradient(model, x, y, None if autocast else logits)
             z = at_least_fp32(g0.detach().sign())
             z = z / per_sample_norm(z)
-            x1 = (at_least_fp32(x.detach()) + self.h * self.ramp * z).to(x.dtype).requires_grad_(True)
-            with frozen_norm_stats(model):
-                ce1 = F.cross_entropy(model(x1), y, reduction="sum")
-            (g1,) = torch.autograd.grad(ce1, x1, create_graph=True)
+            x1 = (at_least_fp32(x.detach()) + self.h * self.ramp * z).to(x.dtype)
+            _, _, g1 = loss_input_gradient(model, x1, y)
             return per_sample_sq_norm(at_least_fp32(g1) - at_least_fp32(g0)).mean()
 
 
