@@ -8,6 +8,7 @@ The official training set is split (seeded) into train and validation; the offic
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,13 +52,9 @@ class CIFAR10DataModule(SplitDataModule):
         train_transforms: list[nn.Module] | None = None,
         eval_transforms: list[nn.Module] | None = None,
         batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int | None = None,
-        pin_memory: bool = True,
-        label_noise: float = 0.0,
-        noise_seed: int = 0,
+        **loader: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, label_noise, noise_seed)
+        super().__init__(batch_size=batch_size, **loader)
         if not 0 <= val_size < 50000:
             raise ConfigError(f"{type(self).__name__}: val_size must be in [0, 50000), got {val_size}")
         self.root = root

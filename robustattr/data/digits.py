@@ -6,6 +6,8 @@ channel replication turn it into a CIFAR-shaped stand-in (3x32x32) for exercisin
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
@@ -38,14 +40,11 @@ class DigitsDataModule(SplitDataModule):
         split_seed: int = 0,
         image_size: int = 8,
         channels: int = 1,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
         num_workers: int | None = 0,
         pin_memory: bool = False,
-        label_noise: float = 0.0,
-        noise_seed: int = 0,
+        **loader: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, label_noise, noise_seed)
+        super().__init__(num_workers=num_workers, pin_memory=pin_memory, **loader)
         if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
             raise ConfigError(
                 f"DigitsDataModule: val_fraction ({val_fraction}) and test_fraction ({test_fraction}) must be in "

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 from torch import nn
@@ -83,13 +83,9 @@ class ImageFolderDataModule(SplitDataModule):
         channels: Literal[1, 3] = 3,
         unreadable: Literal["raise", "skip"] = "raise",
         batch_size: int = 256,
-        eval_batch_size: int | None = None,
-        num_workers: int | None = None,
-        pin_memory: bool = True,
-        label_noise: float = 0.0,
-        noise_seed: int = 0,
+        **loader: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, pin_memory, label_noise, noise_seed)
+        super().__init__(batch_size=batch_size, **loader)
         image_size = image_size if image_size is not None else self.default_image_size
         if image_size is not None and image_size < 1:
             raise ConfigError(f"{type(self).__name__}: image_size must be positive, got {image_size}")
