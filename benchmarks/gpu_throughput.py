@@ -29,15 +29,7 @@ from robustattr.attributions import Saliency
 from robustattr.metrics import pixel_map, top_hessian_eigenvalue
 from robustattr.models import ResNet18, TorchvisionNet
 from robustattr.module import RobustClassifier
-from robustattr.regularizers import (
-    CURE,
-    SSR,
-    TRADES,
-    AdversarialCE,
-    GradientNorm,
-    HessianNorm,
-    IGNorm,
-)
+from robustattr.regularizers import CURE, SSR, TRADES, AdversarialCE, GradientNorm, HessianNorm, IGNorm
 
 SOFTPLUS = lambda: nn.Softplus(beta=10.0)  # noqa: E731
 

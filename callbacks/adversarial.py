@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torchmetrics import MetricCollection
 
@@ -24,11 +26,9 @@ class AdversarialValidation(AttackCallback):
         attacks: list[PGD] | None = None,
         epsilons: list[float] | None = None,
         num_samples: int = 256,
-        batch_size: int = 64,
-        every_n_epochs: int = 1,
-        seed: int = 0,
+        **schedule: Any,
     ) -> None:
-        super().__init__(num_samples, batch_size, every_n_epochs, seed)
+        super().__init__(num_samples, **schedule)  # batch_size, every_n_epochs, seed: see AttackCallback
         attacks = attacks if attacks is not None else [BIM()]
         epsilons = epsilons if epsilons is not None else [attack.threat.eps for attack in attacks[:1]]
         self.settings = {

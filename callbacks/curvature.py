@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torchmetrics import MetricCollection
 
@@ -34,11 +36,9 @@ class CurvatureMonitor(AttackCallback):
         self,
         power_iters: int = 10,
         num_samples: int = 256,
-        batch_size: int = 64,
-        every_n_epochs: int = 1,
-        seed: int = 0,
+        **schedule: Any,
     ) -> None:
-        super().__init__(num_samples, batch_size, every_n_epochs, seed)
+        super().__init__(num_samples, **schedule)  # batch_size, every_n_epochs, seed: see AttackCallback
         self.power_iters = power_iters
 
     def build_metrics(self) -> dict[str, MetricCollection]:

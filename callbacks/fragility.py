@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 from torchmetrics import MetricCollection
 
@@ -29,11 +30,9 @@ class FragilityValidation(AttackCallback):
         epsilons: list[float] | None = None,
         k: int | None = None,
         num_samples: int = 128,
-        batch_size: int = 64,
-        every_n_epochs: int = 1,
-        seed: int = 0,
+        **schedule: Any,
     ) -> None:
-        super().__init__(num_samples, batch_size, every_n_epochs, seed)
+        super().__init__(num_samples, **schedule)  # batch_size, every_n_epochs, seed: see AttackCallback
         attributions = attributions if attributions is not None else [Saliency()]
         attacks = attacks if attacks is not None else [TopKAttack(steps=20), RandomSignAttack()]
         epsilons = epsilons if epsilons is not None else [attacks[0].threat.eps]

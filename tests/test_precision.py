@@ -17,33 +17,14 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from robustattr.attacks import (
-    BIM,
-    FGSM,
-    LBFGS,
-    PGD,
-    L2Ball,
-    LinfBall,
-    MassCenterAttack,
-    RandomSignAttack,
-    TargetedAttack,
-    TargetMapAttack,
-    TopKAttack,
-)
+from robustattr.attacks import BIM, PGD, RandomSignAttack, TopKAttack
 from robustattr.attributions import GradientXInput, IntegratedGradients, Saliency, SmoothGrad, UniformGradient
 from robustattr.errors import ConfigError
 from robustattr.metrics import top_hessian_eigenvalue
 from robustattr.models import SmallCNN
 from robustattr.module import RobustClassifier
-from robustattr.regularizers import (
-    CURE,
-    SSR,
-    TRADES,
-    AdversarialCE,
-    GradientNorm,
-    HessianNorm,
-    IGNorm,
-)
+from robustattr.regularizers import CURE, SSR, TRADES, AdversarialCE, GradientNorm, HessianNorm, IGNorm
+from tests.helpers.zoo import every_attack
 
 ROOT = Path(__file__).resolve().parents[1]
 LINEAR_ALGEBRA = ("eigh", "eigvalsh", "solve", "cholesky", "inv", "svd", "eig")
@@ -130,18 +111,7 @@ def test_finite_differences_are_refused_under_bf16_true_with_the_reason():
     )
 
 
-ATTACKS = [
-    FGSM(LinfBall(8 / 255)),
-    BIM(LinfBall(8 / 255), steps=2),
-    PGD(LinfBall(8 / 255), steps=2, seed=0),
-    PGD(L2Ball(0.3), steps=2, seed=0),
-    LBFGS(search_steps=1, max_iter=3, seed=0),
-    TopKAttack(threat=LinfBall(8 / 255), steps=2),
-    MassCenterAttack(threat=LinfBall(8 / 255), steps=2, seed=0),
-    TargetedAttack(threat=LinfBall(8 / 255), steps=2),
-    TargetMapAttack(threat=LinfBall(8 / 255), steps=2),
-    RandomSignAttack(threat=LinfBall(8 / 255), seed=0),
-]
+ATTACKS = every_attack(8 / 255, l2_eps=0.3, lbfgs_search_steps=1, lbfgs_max_iter=3)
 
 
 @pytest.mark.parametrize("attack", ATTACKS, ids=lambda a: type(a).__name__ + repr(getattr(a, "threat", "")))

@@ -8,28 +8,10 @@ import scipy.stats
 import torch
 from torch import nn
 
-from robustattr.attacks import (
-    BIM,
-    FGSM,
-    LBFGS,
-    PGD,
-    L2Ball,
-    LinfBall,
-    MassCenterAttack,
-    RandomSignAttack,
-    TargetedAttack,
-    TargetMapAttack,
-    TopKAttack,
-    softplus_surrogate,
-)
+from robustattr import attacks as A
 from robustattr.attacks.base import with_seed
 from robustattr.attributions import (
-    DeepLift,
     GradientShap,
-    GradientXInput,
-    IntegratedGradients,
-    Occlusion,
-    Saliency,
     SmoothGrad,
     UniformGradient,
 )
@@ -52,6 +34,7 @@ from robustattr.metrics import (
 from robustattr.models import SmallCNN, is_piecewise_linear, needs_smooth_surrogate, smooth_twin
 from robustattr.module import RobustClassifier
 from robustattr.regularizers import AdversarialCE
+from tests.helpers.zoo import every_attack, every_attribution
 
 
 def _data(n=3, seed=0):
@@ -62,9 +45,9 @@ def _data(n=3, seed=0):
 # -- 1. fresh randomness by default, seeds where injected ---------------------------------------------------------
 @pytest.mark.parametrize(
     "attack",
-    [PGD(LinfBall(0.1), steps=2), PGD(L2Ball(0.5), steps=2), PGD(LinfBall(0.1), steps=1, step_size=0.125),
-     BIM(LinfBall(0.1), steps=1, target="random"), MassCenterAttack(threat=LinfBall(0.1), steps=1),
-     RandomSignAttack(threat=LinfBall(0.1))],
+    [A.PGD(A.LinfBall(0.1), steps=2), A.PGD(A.L2Ball(0.5), steps=2), A.PGD(A.LinfBall(0.1), steps=1, step_size=0.125),
+     A.BIM(A.LinfBall(0.1), steps=1, target="random"), A.MassCenterAttack(threat=A.LinfBall(0.1), steps=1),
+     A.RandomSignAttack(threat=A.LinfBall(0.1))],
     ids=lambda a: repr(a)[:50],
 )  # fmt: skip
 def test_default_attacks_draw_fresh_randomness_and_seeded_ones_repeat(attack):
@@ -84,7 +67,7 @@ def test_adversarial_training_draws_a_new_start_every_step():
     """Fast FGSM-RS as its docstring writes it, and the default PGD-AT: every call a new random start."""
     net = SmallCNN(width=4).eval()
     x, y = _data(4)
-    for term in (AdversarialCE(attack=PGD(steps=1, step_size=1.25 * 8 / 255)), AdversarialCE()):
+    for term in (AdversarialCE(attack=A.PGD(steps=1, step_size=1.25 * 8 / 255)), AdversarialCE()):
         term.prepare(net, x, y)
         first = term._x_adv
         term.prepare(net, x, y)
@@ -96,7 +79,7 @@ def test_callbacks_stay_reproducible_with_random_attacks(tmp_path):
     module = RobustClassifier(SmallCNN(width=4))
 
     def validate():
-        callback = AdversarialValidation(attacks=[PGD(steps=2)], epsilons=[0.1], num_samples=24, batch_size=8)
+        callback = AdversarialValidation(attacks=[A.PGD(steps=2)], epsilons=[0.1], num_samples=24, batch_size=8)
         trainer = pl.Trainer(logger=False, enable_progress_bar=False, callbacks=[callback], default_root_dir=tmp_path)
         return trainer.validate(module, datamodule=DigitsDataModule(), verbose=False)[0]["val/adv/pgd_linf25.5/acc"]
 
@@ -138,7 +121,7 @@ def test_a_surrogate_network_converges_to_the_network(activation):
     x = torch.rand(5, 1, 8, 8, dtype=torch.float64)
     with torch.no_grad():
         out = net(x)
-        errors = [(softplus_surrogate(net, beta)(x) - out).abs().max().item() for beta in (10.0, 100.0, 1000.0)]
+        errors = [(A.softplus_surrogate(net, beta)(x) - out).abs().max().item() for beta in (10.0, 100.0, 1000.0)]
     assert errors[0] > errors[2] and errors[2] < 1e-2 * out.abs().max().item(), errors
 
 
@@ -174,7 +157,7 @@ def test_lbfgs_samples_are_independent_of_their_batch():
         logits = net(x)
     y = logits.argmax(dim=1)
     target = logits.scatter(1, y[:, None], float("-inf")).argmax(dim=1)  # the runner-up: reachable
-    attack = LBFGS(search_steps=3, max_iter=15, c_init=0.01)
+    attack = A.LBFGS(search_steps=3, max_iter=15, c_init=0.01)
     alone = attack.run(net, x[:1], y[:1], target[:1])
     with_others = attack.run(net, x, y, target)
     with_one_other = attack.run(net, x[[0, 4]], y[[0, 4]], target[[0, 4]])
@@ -185,19 +168,8 @@ def test_lbfgs_samples_are_independent_of_their_batch():
 
 
 # -- 5. batches of one and three ----------------------------------------------------------------------------------
-ATTACKS = [
-    FGSM(LinfBall(0.1)),
-    BIM(LinfBall(0.1), steps=2),
-    PGD(LinfBall(0.1), steps=2, seed=0),
-    PGD(L2Ball(0.5), steps=2, seed=0),
-    LBFGS(search_steps=2, max_iter=5, seed=0),
-    TopKAttack(threat=LinfBall(0.1), steps=2),
-    MassCenterAttack(threat=LinfBall(0.1), steps=2, seed=0),
-    TargetedAttack(threat=LinfBall(0.1), steps=2),
-    TargetMapAttack(threat=LinfBall(0.1), steps=2),
-    RandomSignAttack(threat=LinfBall(0.1), seed=0),
-]
-DETERMINISTIC = (FGSM, BIM, TopKAttack, TargetedAttack, TargetMapAttack)
+ATTACKS = every_attack(0.1, l2_eps=0.5, lbfgs_search_steps=2, lbfgs_max_iter=5)
+DETERMINISTIC = (A.FGSM, A.BIM, A.TopKAttack, A.TargetedAttack, A.TargetMapAttack)
 
 
 @pytest.mark.parametrize("attack", ATTACKS, ids=lambda a: type(a).__name__ + repr(getattr(a, "threat", "")))
@@ -215,15 +187,13 @@ def test_every_attack_runs_on_batches_of_one_and_three_with_the_same_per_sample_
 def test_target_map_attack_targets_a_function_of_the_sample_alone():
     net = SmallCNN(width=4).eval()
     x, y = _data(3)
-    attack = TargetMapAttack(threat=LinfBall(0.1), steps=3)
+    attack = A.TargetMapAttack(threat=A.LinfBall(0.1), steps=3)
     one = attack.run(net, x[:1], y[:1])  # used to fail: a single image was its own target (zero gradient)
     three = attack.run(net, x, y)
     torch.testing.assert_close(three.maps_adv[:1], one.maps_adv, rtol=0, atol=1e-5)
 
 
-ATTRIBUTIONS = [Saliency(), GradientXInput(), IntegratedGradients(steps=4), SmoothGrad(samples=4),
-                UniformGradient(samples=4), DeepLift(), GradientShap(samples=4),
-                Occlusion(window=2, stride=2)]  # fmt: skip
+ATTRIBUTIONS = every_attribution(samples=4)
 
 
 @pytest.mark.parametrize("method", ATTRIBUTIONS, ids=lambda m: type(m).__name__)
@@ -287,11 +257,11 @@ def test_every_callback_runs_with_chunks_of_one_and_three_and_gets_the_same_numb
 
     def validate(batch_size):
         callbacks = [
-            AdversarialValidation(attacks=[BIM(steps=2)], epsilons=[0.1], num_samples=5, batch_size=batch_size),
-            FragilityValidation(attacks=[TopKAttack(steps=2), TargetMapAttack(steps=2)], num_samples=5,
+            AdversarialValidation(attacks=[A.BIM(steps=2)], epsilons=[0.1], num_samples=5, batch_size=batch_size),
+            FragilityValidation(attacks=[A.TopKAttack(steps=2), A.TargetMapAttack(steps=2)], num_samples=5,
                                 batch_size=batch_size),
             CurvatureMonitor(num_samples=5, batch_size=batch_size, power_iters=2),
-            AttributionPanels(attack=TopKAttack(steps=2), num_examples=batch_size),
+            AttributionPanels(attack=A.TopKAttack(steps=2), num_examples=batch_size),
         ]  # fmt: skip
         trainer = pl.Trainer(logger=False, enable_progress_bar=False, callbacks=callbacks, default_root_dir=tmp_path)
         (results,) = trainer.validate(module, datamodule=DigitsDataModule(), verbose=False)

@@ -22,8 +22,16 @@ from torchmetrics.utilities import dim_zero_cat
 from robustattr.metrics import functional as F
 
 
-def _no_values(metric: Metric) -> ValueError:
-    return ValueError(f"{type(metric).__name__} keeps no per-sample values: construct it with per_sample=True")
+def _gathered_values(metric: Metric) -> torch.Tensor | None:
+    """A metric's per-sample ``values`` state, concatenated (under DDP: every process's, in process order); None
+    when nothing was added."""
+    if not getattr(metric, "keeps_values", False):
+        raise ValueError(f"{type(metric).__name__} keeps no per-sample values: construct it with per_sample=True")
+    with metric.sync_context(should_sync=not metric._is_synced):
+        # The state is a list of tensors while updating, one concatenated tensor once synced.
+        if isinstance(metric.values, list) and not metric.values:
+            return None
+        return dim_zero_cat(metric.values).clone()
 
 
 class PerSampleMean(MeanMetric):
@@ -53,13 +61,8 @@ class PerSampleMean(MeanMetric):
 
     def per_sample(self) -> torch.Tensor:
         """Every counted sample's value; under DDP those of all processes (in process order)."""
-        if not self.keeps_values:
-            raise _no_values(self)
-        with self.sync_context(should_sync=not self._is_synced):
-            # The state is a list of tensors while updating, one concatenated tensor once synced.
-            if isinstance(self.values, list) and not self.values:
-                return torch.empty(0, device=self.device)
-            return dim_zero_cat(self.values).clone()
+        values = _gathered_values(self)
+        return values if values is not None else torch.empty(0, device=self.device)
 
 
 class _MapMetric(Metric):
@@ -72,6 +75,20 @@ class _MapMetric(Metric):
     full_state_update = False
     name: ClassVar[str]
     higher_is_better: bool | None = None
+
+    def __init_subclass__(
+        cls,
+        name: str,
+        higher_is_better: bool,
+        score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        **kwargs,
+    ) -> None:
+        """A map metric is its registered name, its direction and its per-sample score (a function of the clean
+        and perturbed maps; or a static ``fn(maps_clean, maps_adv, k)`` when it needs k)."""
+        super().__init_subclass__(**kwargs)
+        cls.name, cls.higher_is_better = name, higher_is_better
+        if score is not None:
+            cls.fn = staticmethod(lambda maps_clean, maps_adv, k: score(maps_clean, maps_adv))
 
     def __init__(
         self, k: int | None = None, per_sample: bool = False, group: Sequence[str] | None = None, **kwargs
@@ -110,55 +127,36 @@ class _MapMetric(Metric):
 
     def per_sample(self) -> torch.Tensor:
         """Every counted sample's value; under DDP those of all processes (in process order)."""
-        if not self.keeps_values:
-            raise _no_values(self)
-        with self.sync_context(should_sync=not self._is_synced):
-            if isinstance(self.values, list) and not self.values:
-                return torch.empty(0, device=self.device)
-            column = dim_zero_cat(self.values)[:, self.group.index(self.name)]
-            return column[~column.isnan()].clone()
+        rows = _gathered_values(self)
+        if rows is None:
+            return torch.empty(0, device=self.device)
+        column = rows[:, self.group.index(self.name)]
+        return column[~column.isnan()]
 
 
-class TopKIntersection(_MapMetric):
+class TopKIntersection(_MapMetric, name="topk_intersection", higher_is_better=True):
     """Share of the clean map's top-k pixels still in the perturbed map's top-k (higher: more robust).
     ``k=None`` takes the size rule of `default_k` from the maps' height and width."""
-
-    name = "topk_intersection"
-    higher_is_better = True
 
     @staticmethod
     def fn(maps_clean: torch.Tensor, maps_adv: torch.Tensor, k: int | None) -> torch.Tensor:
         return F.topk_intersection(maps_clean, maps_adv, k or F.default_k(*maps_clean.shape[1:]))
 
 
-def _ignoring_k(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-    return staticmethod(lambda maps_clean, maps_adv, k: fn(maps_clean, maps_adv))
+class SpearmanCorrelation(_MapMetric, name="spearman", higher_is_better=True, score=F.spearman):
+    """Spearman's rank correlation of the clean and perturbed maps' pixels (ties averaged)."""
 
 
-class SpearmanCorrelation(_MapMetric):
-    name = "spearman"
-    higher_is_better = True
-    fn = _ignoring_k(F.spearman)
+class KendallTau(_MapMetric, name="kendall", higher_is_better=True, score=F.kendall_tau):
+    """Kendall's tau-b of the clean and perturbed maps' pixels."""
 
 
-class KendallTau(_MapMetric):
-    name = "kendall"
-    higher_is_better = True
-    fn = _ignoring_k(F.kendall_tau)
-
-
-class CenterShift(_MapMetric):
+class CenterShift(_MapMetric, name="center_shift", higher_is_better=False, score=F.center_shift):
     """Distance in pixels between the centres of mass of the clean and perturbed maps."""
 
-    name = "center_shift"
-    higher_is_better = False
-    fn = _ignoring_k(F.center_shift)
 
-
-class CosineDistance(_MapMetric):
-    name = "cosine_distance"
-    higher_is_better = False
-    fn = _ignoring_k(F.cosine_distance)
+class CosineDistance(_MapMetric, name="cosine_distance", higher_is_better=False, score=F.cosine_distance):
+    """One minus the cosine similarity of the clean and perturbed maps."""
 
 
 # The one registry of the metrics comparing a clean map with a perturbed one: the names every callback logs

@@ -1,13 +1,6 @@
 """Objective terms added to the cross-entropy training loss (``RobustClassifier(terms=[...])``)."""
 
-from robustattr.derivatives import (
-    frozen_norm_stats,
-    logit_jvp,
-    logit_vjp,
-    loss_hvp,
-    loss_input_gradient,
-    per_sample_norm,
-)
+from robustattr.derivatives import frozen_norm_stats, logit_jvp, logit_vjp, loss_hvp, per_sample_norm
 from robustattr.regularizers.adversarial import TRADES, AdversarialCE, IGNorm, integrated_loss_gradients
 from robustattr.regularizers.base import ObjectiveTerm
 from robustattr.regularizers.smoothness import CURE, SSR, GradientNorm, HessianNorm
@@ -26,6 +19,5 @@ __all__ = [
     "logit_jvp",
     "logit_vjp",
     "loss_hvp",
-    "loss_input_gradient",
     "per_sample_norm",
 ]

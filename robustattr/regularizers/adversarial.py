@@ -63,14 +63,12 @@ class AdversarialCE(_Crafted):
         return F.cross_entropy(logits_adv, y)
 
 
-class TRADES(_Crafted):
+class TRADES(_Crafted, uses_clean_forward=True):
     """TRADES (Zhang et al. 2019): ``KL(f(x) || f(x'))`` with x' maximising it in the ball, as the authors' code
     computes it: x' by PGD from ``x + 0.001 N(0, 1)`` against the clean probabilities of the network in eval
     mode, before the step's training-mode forwards; the loss then compares the training-mode outputs on x (the
     training step's own forward, with gradient) and on x' (which updates BatchNorm statistics, as theirs does).
     With the clean CE this is ``CE(x) + beta * KL``, beta = ``weight`` = 6."""
-
-    uses_clean_forward = True
 
     def __init__(
         self,
@@ -125,13 +123,11 @@ def integrated_loss_gradients(
     return (x_adv - x) * total / steps
 
 
-class IGNorm(ObjectiveTerm):
+class IGNorm(ObjectiveTerm, second_order=True):
     """IG-NORM (Chen et al. 2019): ``max_{x' in B(x, eps)} ||IG^loss(x, x')||_1``, the inner maximum by PGD
     (7 steps of 2/255 at 8/255 from a random start, ``attack_ig_steps`` path points), the penalty with
     ``ig_steps`` points (50). ``sum_norm=True`` gives IG-SUM-NORM, ``max_{x'} CE(x') + beta ||IG(x, x')||_1``,
     which replaces the clean loss: use it with ``ce_weight: 0``."""
-
-    second_order = True
 
     def __init__(
         self,

@@ -49,6 +49,23 @@ class ObjectiveTerm(nn.Module):
     # its last training-mode forward here; RobustClassifier logs their accuracy as train/<name>/acc.
     training_logits: torch.Tensor | None = None
 
+    def __init_subclass__(
+        cls,
+        second_order: bool | None = None,
+        curvature: bool | None = None,
+        uses_clean_forward: bool | None = None,
+        ramps_weight: bool | None = None,
+        **kwargs,
+    ) -> None:
+        """A term states its traits in its class line (``class SSR(ObjectiveTerm, second_order=True, ...)``);
+        those it does not state are inherited."""
+        super().__init_subclass__(**kwargs)
+        traits = dict(second_order=second_order, curvature=curvature, uses_clean_forward=uses_clean_forward,
+                      ramps_weight=ramps_weight)  # fmt: skip
+        for trait, value in traits.items():
+            if value is not None:
+                setattr(cls, trait, value)
+
     def __init__(self, weight: float = 1.0, name: str | None = None, warmup_epochs: float = 0.0) -> None:
         super().__init__()
         if not math.isfinite(weight) or weight < 0:

@@ -31,30 +31,22 @@ _RELU_NOTE = (
 )
 
 
-class GradientNorm(ObjectiveTerm):
+class GradientNorm(ObjectiveTerm, second_order=True, uses_clean_forward=True):
     """Input-gradient norm, double backprop (Ross & Doshi-Velez 2018): ``0.5 * mean_i ||d CE_i / d x_i||^2``.
 
     Per-sample gradients make the value independent of the batch size; Ross & Doshi-Velez differentiate the
     batch-mean loss, so their lambda (about 10^4.75 on MNIST) corresponds to lambda / batch size here."""
-
-    second_order = True
-    uses_clean_forward = True
 
     def forward(self, model, x, y, logits=None):
         _, _, g = loss_input_gradient(model, x, y, logits)
         return 0.5 * per_sample_sq_norm(g).mean()
 
 
-class CURE(ObjectiveTerm):
+class CURE(ObjectiveTerm, second_order=True, curvature=True, uses_clean_forward=True, ramps_weight=False):
     """CURE (Moosavi-Dezfooli et al. 2019): ``||grad CE(x + h z) - grad CE(x)||^2`` with
     ``z = sign(g) / ||sign(g)||`` held constant: a finite-difference Hessian-vector product along the
     gradient-sign direction. ``h`` (in L2 pixel units of [0, 1] images; 1.5 is about 7/255 per pixel on
     32x32x3) is ramped over ``warmup_epochs``, as in the paper; the weight is not."""
-
-    second_order = True
-    curvature = True
-    uses_clean_forward = True
-    ramps_weight = False
 
     def __init__(self, weight: float = 4.0, h: float = 1.5, name: str | None = None, warmup_epochs: float = 0.0):
         super().__init__(weight, name, warmup_epochs)
@@ -82,7 +74,7 @@ def _softmax_factor(p: torch.Tensor) -> torch.Tensor:
     return torch.diag_embed(sqrt_p) - p.unsqueeze(2) * sqrt_p.unsqueeze(1)
 
 
-class SSR(ObjectiveTerm):
+class SSR(ObjectiveTerm, second_order=True, curvature=True, uses_clean_forward=True):
     """Smooth Surface Regularisation (Wang et al. 2020): the largest eigenvalue of the Gauss-Newton input
     Hessian ``M = J^T (diag(p) - p p^T) J``, averaged over the batch.
 
@@ -96,10 +88,6 @@ class SSR(ObjectiveTerm):
     ``channel_mean=True`` averages J over input channels first, as the authors' code does. Their objective
     ``(1 - alpha) * CE + alpha * s * lambda_max`` (alpha = 0.3) is ``ce_weight: 0.7`` and ``weight: 0.3 * s``.
     """
-
-    second_order = True
-    curvature = True
-    uses_clean_forward = True
 
     def __init__(
         self,
@@ -177,7 +165,7 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
-class HessianNorm(ObjectiveTerm):
+class HessianNorm(ObjectiveTerm, second_order=True, curvature=True, uses_clean_forward=True):
     """Norm of the input Hessian of the loss, from Hessian-vector products.
 
     ``norm="frobenius"``: Hutchinson's estimate ``||H||_F^2 = E ||H v||^2`` over ``probes`` Rademacher vectors.
@@ -188,10 +176,6 @@ class HessianNorm(ObjectiveTerm):
     networks with BatchNorm (no third derivative in PyTorch) a finite difference of input gradients with step
     ``fd_step``; ``"forward"`` (forward-over-reverse) serves the graph-free power iterations, the final
     product then uses ``"auto"``'s choice."""
-
-    second_order = True
-    curvature = True
-    uses_clean_forward = True
 
     def __init__(
         self,
