@@ -24,7 +24,7 @@ from robustattr.metrics import top_hessian_eigenvalue
 from robustattr.models import SmallCNN
 from robustattr.module import RobustClassifier
 from robustattr.regularizers import CURE, SSR, TRADES, AdversarialCE, GradientNorm, HessianNorm, IGNorm
-from tests.helpers.zoo import every_attack
+from tests.helpers.zoo import every_attack, every_audit_section
 
 ROOT = Path(__file__).resolve().parents[1]
 LINEAR_ALGEBRA = ("eigh", "eigvalsh", "solve", "cholesky", "inv", "svd", "eig")
@@ -171,29 +171,9 @@ def test_callbacks_validate_in_bf16(tmp_path, precision):
 @pytest.mark.slow
 def test_every_audit_section_runs_on_a_bf16_network(tmp_path):
     from robustattr.audit import run_audit
-    from robustattr.audit.sections import (
-        AttributionTransfer,
-        Curvature,
-        ExplainingAway,
-        ExplanationFragility,
-        RobustnessCurves,
-        SemanticDirections,
-        SmoothingWithoutRetraining,
-        Transferability,
-    )
 
     torch.save(SmallCNN(width=8).state_dict(), tmp_path / "net.pt")
-    sections = [
-        RobustnessCurves(epsilons=[8 / 255], steps=2, lbfgs_samples=4, lbfgs_search_steps=1, lbfgs_max_iter=3),
-        ExplanationFragility(methods=[Saliency(), IntegratedGradients(steps=4)], epsilons=[8 / 255], steps=2,
-                             num_samples=4),
-        AttributionTransfer(num_samples=4),
-        SmoothingWithoutRetraining(num_samples=4, samples=2, betas=[3.0]),
-        Curvature(power_iters=2, num_samples=8),
-        ExplainingAway(steps=2, ig_steps=2, num_samples=8),
-        Transferability(steps=2, num_samples=8),
-        SemanticDirections(top=3),
-    ]  # fmt: skip
+    sections = every_audit_section(num_samples=8, epsilons=[8 / 255])
     report = run_audit(
         [str(tmp_path / "net.pt"), str(tmp_path / "net.pt")], sections, out=str(tmp_path / "audit"), num_samples=8,
         batch_size=4, net={"class_path": "robustattr.models.SmallCNN", "init_args": {"width": 8}},

@@ -7,19 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustattr.attributions import IntegratedGradients, Saliency
 from robustattr.audit import run_audit
-from robustattr.audit.sections import (
-    AttributionTransfer,
-    Curvature,
-    ExplainingAway,
-    ExplanationFragility,
-    RobustnessCurves,
-    SemanticDirections,
-    SmoothingWithoutRetraining,
-    Transferability,
-)
 from robustattr.models import SmallCNN
+from tests.helpers.zoo import every_audit_section
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
@@ -35,18 +25,7 @@ def _audit(tmp_path: Path) -> Path:
     for name in ("base", "other"):
         torch.save(SmallCNN(width=4).state_dict(), tmp_path / f"{name}.pt")
         paths.append(f"{name}={tmp_path / name}.pt")
-    sections = [
-        RobustnessCurves(epsilons=[2 / 255, 8 / 255, 0.1], steps=2, lbfgs_samples=4, lbfgs_search_steps=1,
-                         lbfgs_max_iter=3),
-        ExplanationFragility(methods=[Saliency(), IntegratedGradients(steps=2)], epsilons=[4 / 255, 8 / 255], steps=1,
-                             num_samples=6, examples=2),
-        AttributionTransfer(methods=[Saliency(), IntegratedGradients(steps=2)], num_samples=6),
-        SmoothingWithoutRetraining(num_samples=6, samples=2, betas=[3.0]),
-        Curvature(power_iters=2, num_samples=12),
-        ExplainingAway(steps=2, ig_steps=2, num_samples=12),
-        Transferability(steps=2, num_samples=12),
-        SemanticDirections(top=4),
-    ]  # fmt: skip
+    sections = every_audit_section(num_samples=12, epsilons=[2 / 255, 8 / 255, 0.1])
     run_audit(paths, sections, out=str(tmp_path / "audit"), num_samples=12, batch_size=6,
               net={"class_path": "robustattr.models.SmallCNN", "init_args": {"width": 4}},
               data={"class_path": "robustattr.data.DigitsDataModule"})  # fmt: skip

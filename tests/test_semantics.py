@@ -168,19 +168,25 @@ def test_lbfgs_samples_are_independent_of_their_batch():
 
 
 # -- 5. batches of one and three ----------------------------------------------------------------------------------
-ATTACKS = every_attack(0.1, l2_eps=0.5, lbfgs_search_steps=2, lbfgs_max_iter=5)
-DETERMINISTIC = (A.FGSM, A.BIM, A.TopKAttack, A.TargetedAttack, A.TargetMapAttack)
+ATTACKS_AND_ATTRIBUTIONS = [
+    *every_attack(0.1, l2_eps=0.5, lbfgs_search_steps=2, lbfgs_max_iter=5),
+    *every_attribution(samples=4),
+]
+# These draw random numbers for the whole batch (starts, noise): on a batch of one they draw others.
+SHARED_RANDOMNESS = (A.PGD, A.LBFGS, A.MassCenterAttack, A.RandomSignAttack, SmoothGrad, UniformGradient, GradientShap)
 
 
-@pytest.mark.parametrize("attack", ATTACKS, ids=lambda a: type(a).__name__ + repr(getattr(a, "threat", "")))
-def test_every_attack_runs_on_batches_of_one_and_three_with_the_same_per_sample_result(attack):
+@pytest.mark.parametrize(
+    "fn", ATTACKS_AND_ATTRIBUTIONS, ids=lambda f: type(f).__name__ + repr(getattr(f, "threat", ""))
+)
+def test_every_attack_and_attribution_gives_per_sample_results_on_batches_of_one_and_three(fn):
     torch.manual_seed(0)
     net = SmallCNN(width=4).eval()
     x, y = _data(3)
-    three = attack(net, x, y)
-    ones = torch.cat([attack(net, x[i : i + 1], y[i : i + 1]) for i in range(3)])
+    three = fn(net, x, y)
+    ones = torch.cat([fn(net, x[i : i + 1], y[i : i + 1]) for i in range(3)])
     assert three.shape == ones.shape == x.shape
-    if isinstance(attack, DETERMINISTIC):  # no random draw shared by the batch: per-sample results match
+    if not isinstance(fn, SHARED_RANDOMNESS):  # the same computation per sample: the same per-sample result
         torch.testing.assert_close(three, ones, rtol=0, atol=1e-6)
 
 
@@ -191,22 +197,6 @@ def test_target_map_attack_targets_a_function_of_the_sample_alone():
     one = attack.run(net, x[:1], y[:1])  # used to fail: a single image was its own target (zero gradient)
     three = attack.run(net, x, y)
     torch.testing.assert_close(three.maps_adv[:1], one.maps_adv, rtol=0, atol=1e-5)
-
-
-ATTRIBUTIONS = every_attribution(samples=4)
-
-
-@pytest.mark.parametrize("method", ATTRIBUTIONS, ids=lambda m: type(m).__name__)
-def test_every_attribution_gives_per_sample_maps_on_batches_of_one_and_three(method):
-    torch.manual_seed(0)
-    net = SmallCNN(width=4).eval()
-    x, y = _data(3)
-    three = method(net, x, y)
-    ones = torch.cat([method(net, x[i : i + 1], y[i : i + 1]) for i in range(3)])
-    if isinstance(method, SmoothGrad | UniformGradient | GradientShap):  # noise drawn for the whole batch
-        assert three.shape == ones.shape == x.shape
-    else:
-        torch.testing.assert_close(three, ones, rtol=1e-5, atol=1e-6)
 
 
 FUNCTIONS = [lambda a, b: topk_intersection(a, b, 8), spearman, kendall_tau, center_shift, cosine_distance]

@@ -33,3 +33,22 @@ def every_attribution(samples: int = 4) -> list:
         M.GradientShap(samples=samples),
         M.Occlusion(window=2, stride=2),
     ]
+
+
+def every_audit_section(num_samples: int, epsilons: list[float]) -> list:
+    """Every audit section but the influence one (which reads a training split), at the smallest settings that
+    still draw every figure; the explanation sections on half of ``num_samples``."""
+    from robustattr.audit import sections as S
+
+    methods = [M.Saliency(), M.IntegratedGradients(steps=2)]
+    half = num_samples // 2
+    return [
+        S.RobustnessCurves(epsilons=epsilons, steps=2, lbfgs_samples=4, lbfgs_search_steps=1, lbfgs_max_iter=3),
+        S.ExplanationFragility(methods=methods, epsilons=epsilons, steps=1, num_samples=half, examples=2),
+        S.AttributionTransfer(methods=methods, num_samples=half),
+        S.SmoothingWithoutRetraining(num_samples=half, samples=2, betas=[3.0]),
+        S.Curvature(power_iters=2, num_samples=num_samples),
+        S.ExplainingAway(steps=2, ig_steps=2, num_samples=num_samples),
+        S.Transferability(steps=2, num_samples=num_samples),
+        S.SemanticDirections(top=4),
+    ]
