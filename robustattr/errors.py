@@ -8,6 +8,7 @@ DataLoader worker re-raises it with the worker's traceback in the text); `find_u
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 from typing import NoReturn
@@ -32,6 +33,19 @@ class DatasetNotFoundError(RobustAttrError, FileNotFoundError):
 
 class NonFiniteError(RobustAttrError, FloatingPointError):
     """A NaN or infinite value where training or an audit needs finite numbers (loss, weights)."""
+
+
+def keep_counts(owner: object, **counts: int) -> None:
+    """Check each count (steps, samples, iterations: whole numbers of at least 1) and keep it on ``owner`` under
+    its own name; the first bad one ends with a ConfigError naming the owner, the option and the value."""
+    for name, value in counts.items():
+        try:
+            count = operator.index(value)  # ints and integer-like numbers (numpy), not floats or bools' kin
+        except TypeError:
+            count = None
+        if count is None or isinstance(value, bool) or count < 1:
+            raise ConfigError(f"{type(owner).__name__}: {name} must be a whole number of at least 1, got {value!r}")
+        setattr(owner, name, count)
 
 
 def find_user_error(err: BaseException | None) -> RobustAttrError | None:

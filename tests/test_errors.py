@@ -13,8 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+from robustattr.attacks import PGD, TopKAttack
+from robustattr.audit import InfluenceAudit
 from robustattr.audit import main as evaluate
 from robustattr.cli import main as train
+from robustattr.errors import ConfigError
+from robustattr.regularizers import HessianNorm, IGNorm
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "--trainer.logger", "false"]
@@ -167,3 +171,27 @@ def test_a_full_disk_while_saving_a_checkpoint_leaves_no_broken_file(tmp_path):
     assert "cannot write it" in line and ".ckpt" in line
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert not [p for p in files if p.suffix in (".ckpt", ".tmp")], files
+
+
+@pytest.mark.parametrize(
+    ("make", "named"),
+    [
+        (lambda: PGD(steps=0), "PGD: steps"),
+        (lambda: TopKAttack(restarts=2.5), "restarts"),
+        (lambda: IGNorm(ig_steps=True), "ig_steps"),
+        (lambda: HessianNorm(probes=0), "probes"),
+        (lambda: HessianNorm(hvp="fwd"), "hvp"),
+        (lambda: HessianNorm(fd_step=0.0), "fd_step"),
+        (lambda: InfluenceAudit(queries=0), "queries"),
+    ],
+)
+def test_counts_and_choices_are_checked_where_they_are_kept(make, named):
+    """One check (errors.keep_counts) for every whole-number option: a ConfigError naming the class and the option;
+    integer-like numbers are kept as ints."""
+    with pytest.raises(ConfigError, match=named):
+        make()
+
+
+def test_integer_like_counts_are_kept_as_ints():
+    attack = PGD(steps=np.int64(3), restarts=np.int32(2))
+    assert (attack.steps, attack.restarts) == (3, 2) and type(attack.steps) is int

@@ -11,6 +11,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from robustattr.errors import ConfigError, keep_counts
+
 TargetMode = Literal["none", "random", "least_likely", "runner_up"]
 
 
@@ -88,11 +90,28 @@ def generator_for(device: torch.device, seed: int | None) -> torch.Generator | N
     return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
-class EpsilonSweepable:
-    """Attacks holding a ``threat`` model: `with_eps` gives a copy on a ball of another radius (for epsilon
-    sweeps); a default step size, derived from the radius, scales with it."""
+class IterativeAttack:
+    """What the iterative attacks (PGD and the explanation attacks) share: a threat model, steps and restarts
+    (checked), an optional step size (the default, derived from the radius, is each attack's `step_size`), random
+    starts and a seed; `with_eps` gives a copy on a ball of another radius (for epsilon sweeps), whose default
+    step size scales with it."""
 
-    threat: Any
+    def __init__(
+        self,
+        threat: Any,
+        steps: int,
+        step_size: float | None,
+        restarts: int,
+        random_start: bool,
+        seed: int | None,
+    ) -> None:
+        keep_counts(self, steps=steps, restarts=restarts)
+        if step_size is not None and step_size <= 0:
+            raise ConfigError(f"{type(self).__name__}: step_size must be positive, got {step_size}")
+        self.threat = threat
+        self._step_size = step_size
+        self.random_start = random_start
+        self.seed = seed
 
     def with_eps(self, eps: float):
         other = type(self).__new__(type(self))

@@ -17,7 +17,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch import nn
 
-from robustattr.attacks.base import EpsilonSweepable, generator_for, gradient_context, prepare
+from robustattr.attacks.base import IterativeAttack, generator_for, gradient_context, prepare
 from robustattr.attacks.surrogate import BetaSchedule, require_second_order, softplus_surrogate
 from robustattr.attacks.threat import LinfBall
 from robustattr.attributions.gradient import Attribution, Saliency
@@ -167,7 +167,7 @@ class _Run:
         return self._surrogate
 
 
-class ExplanationAttack(EpsilonSweepable, Generic[S]):
+class ExplanationAttack(IterativeAttack, Generic[S]):
     """Base class of the explanation attacks: a shared loop around a per-attack `step` and the shared `Judge`.
 
     A subclass defines its typed state (`init_state`, fresh per restart), its `step` (by default a signed
@@ -204,21 +204,13 @@ class ExplanationAttack(EpsilonSweepable, Generic[S]):
         k: int | None = None,
         seed: int | None = None,
     ) -> None:
-        if steps < 1 or restarts < 1:
-            raise ConfigError(f"{type(self).__name__}: steps and restarts must be at least 1")
-        if step_size is not None and step_size <= 0:
-            raise ConfigError(f"{type(self).__name__}: step_size must be positive, got {step_size}")
-        self.attribution = attribution if attribution is not None else Saliency()
-        self.threat = threat if threat is not None else LinfBall(8 / 255)
-        if not isinstance(self.threat, LinfBall):
+        threat = threat if threat is not None else LinfBall(8 / 255)
+        if not isinstance(threat, LinfBall):
             raise ConfigError(f"{type(self).__name__}: explanation attacks use an L-infinity ball (LinfBall)")
-        self.steps = steps
-        self._step_size = step_size
-        self.restarts = restarts
-        self.random_start = random_start
+        super().__init__(threat, steps, step_size, restarts, random_start, seed)
+        self.attribution = attribution if attribution is not None else Saliency()
         self.schedule = BetaSchedule(beta, beta_end) if beta is not None else None
         self.k = k
-        self.seed = seed
 
     @property
     def step_size(self) -> float:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustattr.attacks.base import (
-    EpsilonSweepable,
+    IterativeAttack,
     TargetMode,
     choose_target,
     generator_for,
@@ -26,10 +26,9 @@ from robustattr.attacks.base import (
     prepare,
 )
 from robustattr.attacks.threat import LinfBall, ThreatModel
-from robustattr.errors import ConfigError
 
 
-class PGD(EpsilonSweepable):
+class PGD(IterativeAttack):
     """Projected gradient descent on the cross-entropy.
 
     Args:
@@ -60,18 +59,10 @@ class PGD(EpsilonSweepable):
         early_stop: bool = False,
         seed: int | None = None,
     ) -> None:
-        if steps < 1 or restarts < 1:
-            raise ConfigError(f"{type(self).__name__}: steps and restarts must be at least 1, got {steps}, {restarts}")
-        if step_size is not None and step_size <= 0:
-            raise ConfigError(f"{type(self).__name__}: step_size must be positive, got {step_size}")
-        self.threat = threat if threat is not None else LinfBall(8 / 255)
-        self.steps = steps
-        self._step_size = step_size
-        self.random_start = random_start
-        self.restarts = restarts
+        threat = threat if threat is not None else LinfBall(8 / 255)
+        super().__init__(threat, steps, step_size, restarts, random_start, seed)
         self.target = target
         self.early_stop = early_stop
-        self.seed = seed
 
     @property
     def step_size(self) -> float:

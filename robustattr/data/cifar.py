@@ -15,12 +15,11 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 
-from robustattr.data.base import SplitDataModule
-from robustattr.data.transforms import default_transforms, pipeline
+from robustattr.data.transforms import ImageDataModule, default_transforms
 from robustattr.errors import ConfigError, DatasetNotFoundError
 
 
-class CIFAR10DataModule(SplitDataModule):
+class CIFAR10DataModule(ImageDataModule):
     """CIFAR-10 (50k train / 10k test, 32x32 RGB, 10 classes).
 
     Args:
@@ -49,12 +48,10 @@ class CIFAR10DataModule(SplitDataModule):
         val_size: int = 5000,
         split_seed: int = 0,
         augment: bool = True,
-        train_transforms: list[nn.Module] | None = None,
-        eval_transforms: list[nn.Module] | None = None,
         batch_size: int = 128,
         **loader: Any,
     ) -> None:
-        super().__init__(batch_size=batch_size, **loader)
+        super().__init__(batch_size=batch_size, **loader)  # transforms and loader: see ImageDataModule
         if not 0 <= val_size < 50000:
             raise ConfigError(f"{type(self).__name__}: val_size must be in [0, 50000), got {val_size}")
         self.root = root
@@ -62,14 +59,9 @@ class CIFAR10DataModule(SplitDataModule):
         self.val_size = val_size
         self.split_seed = split_seed
         self.augment = augment
-        self.train_transforms = train_transforms
-        self.eval_transforms = eval_transforms
 
-    def transform(self, train: bool):
-        given = self.train_transforms if train else self.eval_transforms
-        if given is None:
-            given = default_transforms(32, 32, train=True) if train and self.augment else []
-        return pipeline(given)
+    def default_steps(self, train: bool) -> list[nn.Module]:
+        return default_transforms(32, 32, train=True) if train and self.augment else []
 
     def _missing_message(self, reason: str) -> str:
         return (

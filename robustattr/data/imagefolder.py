@@ -14,8 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision import datasets
 
-from robustattr.data.base import SplitDataModule
-from robustattr.data.transforms import default_transforms, pipeline, resize_size_for
+from robustattr.data.transforms import ImageDataModule, default_transforms, resize_size_for
 from robustattr.errors import ConfigError, DatasetNotFoundError, RobustAttrError
 
 
@@ -46,7 +45,7 @@ class SkippingImageFolder(datasets.ImageFolder):
             return None
 
 
-class ImageFolderDataModule(SplitDataModule):
+class ImageFolderDataModule(ImageDataModule):
     """Train on ``root/train_dir``, validate on ``root/val_dir``, test on ``root/test_dir`` (default: val).
 
     Args:
@@ -78,8 +77,6 @@ class ImageFolderDataModule(SplitDataModule):
         test_dir: str | None = None,
         image_size: int | None = None,
         resize_size: int | None = None,
-        train_transforms: list[nn.Module] | None = None,
-        eval_transforms: list[nn.Module] | None = None,
         channels: Literal[1, 3] = 3,
         unreadable: Literal["raise", "skip"] = "raise",
         batch_size: int = 256,
@@ -95,8 +92,6 @@ class ImageFolderDataModule(SplitDataModule):
         self.split_dirs = {"train": train_dir, "val": val_dir, "test": test_dir or val_dir}
         self._image_size = image_size
         self.resize_size = resize_size
-        self.train_transforms = train_transforms
-        self.eval_transforms = eval_transforms
         self.channels = channels
         self.unreadable = unreadable
 
@@ -140,11 +135,12 @@ class ImageFolderDataModule(SplitDataModule):
     def prepare_data(self) -> None:
         self._check()
 
-    def transform(self, train: bool):
+    def default_steps(self, train: bool) -> list[nn.Module]:
         size = self.image_size
-        given = self.train_transforms if train else self.eval_transforms
-        steps = given if given is not None else default_transforms(size, resize_size_for(size, self.resize_size), train)
-        return pipeline(steps, grayscale=self.channels == 1)
+        return default_transforms(size, resize_size_for(size, self.resize_size), train)
+
+    def grayscale(self) -> bool:
+        return self.channels == 1
 
     def _folder(self, split: str, train: bool) -> Dataset:
         folder = self.root / self.split_dirs[split]

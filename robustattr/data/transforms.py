@@ -22,11 +22,13 @@ In YAML, transforms are torchvision.transforms.v2 classes named by class_path::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torchvision.transforms import v2
 
+from robustattr.data.base import SplitDataModule
 from robustattr.errors import ConfigError
 
 SMALL = 64  # largest image size that gets the small-image recipe
@@ -69,3 +71,35 @@ def pipeline(transforms: Sequence[nn.Module], grayscale: bool = False) -> v2.Com
             )
     head: list[nn.Module] = [v2.ToImage()] + ([v2.Grayscale(num_output_channels=1)] if grayscale else [])
     return v2.Compose([*head, *transforms, v2.ToDtype(torch.float32, scale=True)])
+
+
+class ImageDataModule(SplitDataModule):
+    """A DataModule of decoded images whose pipelines a config may replace.
+
+    Args:
+        train_transforms, eval_transforms: torchvision.transforms.v2 transforms (class_path in YAML) replacing the
+            subclass's defaults (`default_steps`); ``ToImage`` and ``ToDtype(float32, scale=True)`` always frame
+            them, and a ``Normalize`` is refused (networks normalise inside).
+        batch_size, eval_batch_size, num_workers, pin_memory, label_noise, noise_seed: see `SplitDataModule`.
+    """
+
+    def __init__(
+        self,
+        train_transforms: list[nn.Module] | None = None,
+        eval_transforms: list[nn.Module] | None = None,
+        **loader: Any,
+    ) -> None:
+        super().__init__(**loader)
+        self.train_transforms = train_transforms
+        self.eval_transforms = eval_transforms
+
+    def default_steps(self, train: bool) -> list[nn.Module]:
+        """The transforms used when the config gives none for this stage."""
+        raise NotImplementedError
+
+    def grayscale(self) -> bool:
+        return False
+
+    def transform(self, train: bool) -> v2.Compose:
+        given = self.train_transforms if train else self.eval_transforms
+        return pipeline(given if given is not None else self.default_steps(train), grayscale=self.grayscale())

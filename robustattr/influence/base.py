@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -318,3 +318,20 @@ class Influence:
         if not torch.isfinite(total).all():
             raise NonFiniteError(f"{type(self).__name__}: non-finite input gradient of the influence")
         return total
+
+
+Curvature = Literal["hessian", "ggn"]
+
+
+class CurvatureInfluence(Influence):
+    """A backend that inverts the damped Hessian (Koh & Liang) or Gauss-Newton matrix (positive semi-definite;
+    equal to the Hessian for a linear head with cross-entropy) of the training loss: ``curvature`` chooses."""
+
+    def __init__(self, curvature: Curvature = "ggn", **common: Any) -> None:
+        super().__init__(**common)
+        if curvature not in ("hessian", "ggn"):
+            raise ConfigError(f"{type(self).__name__}: curvature must be 'hessian' or 'ggn', got {curvature!r}")
+        self.curvature = curvature
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "curvature": self.curvature}

@@ -8,7 +8,7 @@ other backend is tested against it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,14 +16,14 @@ from torch.func import functional_call, grad, jacfwd, jvp, vmap
 
 from robustattr.errors import ConfigError, RobustAttrError
 from robustattr.influence import distributed as D
-from robustattr.influence.base import Influence
+from robustattr.influence.base import Curvature, CurvatureInfluence
 
 
 class SingularCurvatureError(RobustAttrError, ValueError):
     """The damped curvature has a zero or negative eigenvalue: its inverse does not exist."""
 
 
-class ExactInfluence(Influence):
+class ExactInfluence(CurvatureInfluence):
     """Influence with the dense ``(H + damping I)^{-1}``. ``curvature``: "hessian" (Koh & Liang) or "ggn" (the
     Gauss-Newton matrix, positive semi-definite; equal to the Hessian for a linear head with cross-entropy).
     ``max_parameters``: larger scopes are refused (the matrix is P x P in float64; use CGInfluence or
@@ -33,24 +33,16 @@ class ExactInfluence(Influence):
 
     def __init__(
         self,
-        scope="last",
-        damping: float = 0.01,
-        curvature: Literal["hessian", "ggn"] = "hessian",
-        batch_size: int = 128,
+        curvature: Curvature = "hessian",
         dtype: torch.dtype | str = torch.float64,
         max_parameters: int = 12000,
         chunk_size: int = 256,
+        **common: Any,
     ) -> None:
-        super().__init__(scope, damping, batch_size, dtype)
-        if curvature not in ("hessian", "ggn"):
-            raise ConfigError(f"ExactInfluence: curvature must be 'hessian' or 'ggn', got {curvature!r}")
-        self.curvature = curvature
+        super().__init__(curvature=curvature, dtype=dtype, **common)  # scope, damping, batch_size: see Influence
         self.max_parameters = max_parameters
         self.chunk_size = chunk_size
         self.eigenvalues: torch.Tensor | None = None
-
-    def settings(self):
-        return {**super().settings(), "curvature": self.curvature}
 
     def _logits_of(self, x):
         """The network's logits on ``x`` as a function of the flattened scope parameters."""

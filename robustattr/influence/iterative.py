@@ -13,14 +13,14 @@ it cannot deliver the accuracy the exact comparison needs.
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from robustattr.errors import ConfigError
 from robustattr.influence import distributed as D
-from robustattr.influence.base import Influence
+from robustattr.influence.base import CurvatureInfluence
 
 
 def _operators():
@@ -80,7 +80,7 @@ def conjugate_gradients(
     return x, iterations, rs.sqrt() / norm
 
 
-class CGInfluence(Influence):
+class CGInfluence(CurvatureInfluence):
     """Influence with ``(H + damping I)^{-1}`` by conjugate gradients. ``curvature``: "hessian" or "ggn" (positive
     semi-definite, so CG always converges with damping > 0; the Hessian of a non-convex loss may be indefinite,
     where CG is not guaranteed). ``tolerance``: CG's relative residual; ``max_iter``: its iteration budget.
@@ -91,27 +91,21 @@ class CGInfluence(Influence):
 
     def __init__(
         self,
-        scope="last",
-        damping: float = 0.01,
-        curvature: Literal["hessian", "ggn"] = "ggn",
         tolerance: float = 1e-6,
         max_iter: int = 500,
         batch_size: int = 256,
         rhs_batch: int = 256,
-        dtype: torch.dtype | str = torch.float32,
+        **common: Any,
     ) -> None:
-        super().__init__(scope, damping, batch_size, dtype)
-        if curvature not in ("hessian", "ggn"):
-            raise ConfigError(f"CGInfluence: curvature must be 'hessian' or 'ggn', got {curvature!r}")
-        if damping <= 0:
+        super().__init__(batch_size=batch_size, **common)  # scope, damping, curvature, dtype: see CurvatureInfluence
+        if self.damping <= 0:
             raise ConfigError("CGInfluence: damping must be positive (CG needs a positive-definite operator)")
-        self.curvature = curvature
         self.tolerance = tolerance
         self.max_iter = max_iter
         self.rhs_batch = rhs_batch
 
     def settings(self):
-        return {**super().settings(), "curvature": self.curvature, "tolerance": self.tolerance,
+        return {**super().settings(), "tolerance": self.tolerance,
                 "max_iter": self.max_iter, "iterations": list(self.iterations),
                 "max_relative_residual": max(self.residuals, default=0.0)}  # fmt: skip
 

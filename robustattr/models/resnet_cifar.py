@@ -4,6 +4,7 @@ CIFAR robustness literature (He et al. 2016a/b; the Madry/TRADES/CURE CIFAR base
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,13 +40,17 @@ class BasicBlock(nn.Module):
 
 
 class PreActBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int, activation: ActivationFactory) -> None:
+    """The pre-activation basic block (He et al. 2016b); with ``dropout`` between its convolutions, the wide
+    ResNet's block (Zagoruyko & Komodakis 2016)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, activation: ActivationFactory, dropout: float = 0.0) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(c_in)
         self.act1 = activation()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.act2 = activation()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.shortcut = _shortcut(c_in, c_out, stride, with_bn=False)
 
@@ -53,11 +58,31 @@ class PreActBlock(nn.Module):
         out = self.act1(self.bn1(x))
         shortcut = self.shortcut(out) if not isinstance(self.shortcut, nn.Identity) else x
         out = self.conv1(out)
-        out = self.conv2(self.act2(self.bn2(out)))
+        out = self.conv2(self.dropout(self.act2(self.bn2(out))))
         return out + shortcut
 
 
-class _CifarResNet(nn.Module):
+class CifarNetwork(nn.Module):
+    """What the CIFAR networks share: their constructor's data arguments, and the input normalisation inside the
+    network (so attacks and attributions see [0, 1] images). Subclasses build their layers from
+    ``self.in_channels``, ``self.activation`` and ``self.num_classes``."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        activation: ActivationFactory = nn.ReLU,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.activation = activation
+        self.normalize = Normalize(mean, std)
+
+
+class _CifarResNet(CifarNetwork):
     """The CIFAR ResNets: a subclass names its block, whether it is pre-activation, and its blocks per stage; the
     constructor (and so every config's ``init_args``) is the same for all of them."""
 
@@ -65,18 +90,9 @@ class _CifarResNet(nn.Module):
     preact: bool
     blocks_per_stage: Sequence[int] = (2, 2, 2, 2)
 
-    def __init__(
-        self,
-        num_classes: int = 10,
-        in_channels: int = 3,
-        width: int = 64,
-        activation: ActivationFactory = nn.ReLU,
-        mean: Sequence[float] = CIFAR10_MEAN,
-        std: Sequence[float] = CIFAR10_STD,
-    ) -> None:
-        super().__init__()
-        self.num_classes = num_classes
-        self.normalize = Normalize(mean, std)
+    def __init__(self, width: int = 64, **common: Any) -> None:
+        super().__init__(**common)  # num_classes, in_channels, activation, mean, std: see CifarNetwork
+        in_channels, activation, num_classes = self.in_channels, self.activation, self.num_classes
         stem: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)]
         if not self.preact:
             stem += [nn.BatchNorm2d(width), activation()]

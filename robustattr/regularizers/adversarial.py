@@ -19,7 +19,7 @@ from robustattr.attacks.base import gradient_context
 from robustattr.attacks.gradient import PGD, projected_ascent
 from robustattr.attacks.threat import LinfBall
 from robustattr.derivatives import at_least_fp32, frozen_norm_stats, loss_input_gradient
-from robustattr.errors import ConfigError
+from robustattr.errors import ConfigError, keep_counts
 from robustattr.regularizers.base import ObjectiveTerm
 
 
@@ -81,10 +81,8 @@ class TRADES(_Crafted, uses_clean_forward=True):
         init_sigma: float = 0.001,
     ):
         super().__init__(weight, name, warmup_epochs)
-        if steps < 1:
-            raise ConfigError(f"TRADES: steps must be at least 1, got {steps}")
+        keep_counts(self, steps=steps)
         self.threat = threat if threat is not None else LinfBall(8 / 255)
-        self.steps = steps
         self.step_size = step_size if step_size is not None else 2.5 * self.threat.eps / steps
         self.init_sigma = init_sigma
 
@@ -143,13 +141,11 @@ class IGNorm(ObjectiveTerm, second_order=True):
         beta: float = 1.0,
     ):
         super().__init__(weight, name or ("ig_sum_norm" if sum_norm else "ig_norm"), warmup_epochs)
-        if min(attack_steps, ig_steps, attack_ig_steps) < 1:
-            raise ConfigError("IGNorm: attack_steps, ig_steps and attack_ig_steps must be at least 1")
+        keep_counts(self, attack_steps=attack_steps, ig_steps=ig_steps, attack_ig_steps=attack_ig_steps)
+        if attack_step_size <= 0:
+            raise ConfigError(f"IGNorm: attack_step_size must be positive, got {attack_step_size}")
         self.threat = threat if threat is not None else LinfBall(8 / 255)
-        self.attack_steps = attack_steps
         self.attack_step_size = attack_step_size
-        self.ig_steps = ig_steps
-        self.attack_ig_steps = attack_ig_steps
         self.sum_norm = sum_norm
         self.beta = beta
 

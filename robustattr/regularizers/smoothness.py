@@ -21,7 +21,7 @@ from robustattr.derivatives import (
     loss_input_gradient,
     per_sample_norm,
 )
-from robustattr.errors import ConfigError
+from robustattr.errors import ConfigError, keep_counts
 from robustattr.regularizers.base import ObjectiveTerm, full_precision, per_sample_sq_norm
 
 _RELU_NOTE = (
@@ -190,9 +190,13 @@ class HessianNorm(ObjectiveTerm, second_order=True, curvature=True, uses_clean_f
         seed: int | None = None,
     ) -> None:
         super().__init__(weight, name, warmup_epochs)
+        keep_counts(self, probes=probes, power_iters=power_iters)
+        if norm not in ("frobenius", "spectral") or hvp not in ("auto", "reverse", "forward", "finite_difference"):
+            raise ConfigError(f"HessianNorm: norm must be frobenius or spectral and hvp auto, reverse, forward or "
+                              f"finite_difference; got norm={norm!r}, hvp={hvp!r}")  # fmt: skip
+        if not fd_step > 0:
+            raise ConfigError(f"HessianNorm: fd_step must be positive, got {fd_step}")
         self.norm = norm
-        self.probes = probes
-        self.power_iters = power_iters
         self.hvp = hvp
         self.fd_step = fd_step
         self.seed = seed

@@ -23,7 +23,7 @@ import torch
 
 from robustattr.audit.sections.base import Rendered, Section, Table, Thumbnail, eps_label, predict
 from robustattr.data.base import dataset_labels
-from robustattr.errors import ConfigError
+from robustattr.errors import ConfigError, keep_counts
 from robustattr.influence import ExactInfluence, Influence
 from robustattr.influence.analysis import (
     FRACTIONS,
@@ -74,21 +74,11 @@ class InfluenceAudit(Section):
     ) -> None:
         self.backend = backend if backend is not None else _default_backend()
         self.epsilons = [2 / 255, 4 / 255, 8 / 255] if epsilons is None else [float(e) for e in epsilons]
-        counts = {"queries": queries, "k": k, "top_self_influence": top_self_influence, "harmful": harmful,
-                  "steps": steps, "top": top, "overlap_k": overlap_k}  # fmt: skip
-        for name, value in counts.items():
-            if value < 1:
-                raise ConfigError(f"InfluenceAudit: {name} must be positive, got {value}")
         for eps in self.epsilons:
             if not 0 < eps <= 1:
                 raise ConfigError(f"InfluenceAudit: epsilons must lie in (0, 1] (images in [0, 1]), got {eps}")
-        self.queries = queries
-        self.k = k
-        self.top_self_influence = top_self_influence
-        self.harmful = harmful
-        self.steps = steps
-        self.top = top
-        self.overlap_k = overlap_k
+        keep_counts(self, queries=queries, k=k, top_self_influence=top_self_influence, harmful=harmful, steps=steps,
+                    top=top, overlap_k=overlap_k)  # fmt: skip
 
     def work(self, data):
         return 4 + len(self.epsilons)
