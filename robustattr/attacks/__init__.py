@@ -4,7 +4,7 @@ Every attack works under ``torch.no_grad`` and ``torch.inference_mode``, leaves 
 parameter gradients and BatchNorm statistics untouched, is batched, seeded, and runs on the model's device.
 """
 
-from robustattr.attacks.base import choose_target, gradient_context
+from robustattr.attacks.base import IterativeAttack, choose_target, gradient_context
 from robustattr.attacks.explanation import (
     AttackState,
     CleanExplanation,
@@ -40,6 +40,7 @@ __all__ = [
     "ExplanationAttack",
     "ExplanationAttackResult",
     "Iterate",
+    "IterativeAttack",
     "Judge",
     "L2Ball",
     "LBFGSResult",
