@@ -150,7 +150,8 @@ class Iterate:
 
 class _Run:
     """What one call of an attack shares between its iterates: the networks, the explained class, the
-    surrogate (built on the first gradient asked for, for networks with kinked activations)."""
+    network its gradients go through (built on the first gradient asked for: a softplus surrogate for networks
+    with kinked activations, else the network itself)."""
 
     def __init__(self, attack: ExplanationAttack, model: nn.Module, target: torch.Tensor) -> None:
         self.attack, self.attribution, self.model, self.target = attack, attack.attribution, model, target
@@ -159,11 +160,13 @@ class _Run:
 
     def gradient_network(self, t: int) -> nn.Module:
         schedule = self.attack.schedule
-        if schedule is None or not needs_smooth_surrogate(self.model):
+        if schedule is None:
             return self.model
         if self._surrogate is None:
-            self._surrogate = softplus_surrogate(self.model, schedule.start)
-        set_beta(self._surrogate, schedule(t, self.attack.steps))
+            kinked = needs_smooth_surrogate(self.model)  # decided once per call, on the first gradient asked for
+            self._surrogate = softplus_surrogate(self.model, schedule.start) if kinked else self.model
+        if self._surrogate is not self.model:
+            set_beta(self._surrogate, schedule(t, self.attack.steps))
         return self._surrogate
 
 
