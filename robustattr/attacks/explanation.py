@@ -136,7 +136,7 @@ class Iterate:
     ) -> torch.Tensor:
         """d objective(maps, logits).sum() / dx at this iterate; ``cause`` explains a gradient that is zero."""
         network = self.run.gradient_network(self.t)
-        x_in = self.x.clone().requires_grad_(True)
+        x_in = self.x.detach().requires_grad_(True)  # a leaf sharing the iterate's storage: no copy
         attr, logits = self.run.attribution.attribute_and_logits(network, x_in, self.run.target, create_graph=True)
         maps = pixel_map(attr)
         if network is self.run.model:

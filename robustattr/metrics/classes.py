@@ -105,10 +105,6 @@ class _MapMetric(Metric):
         if per_sample:
             self.add_state("values", default=[], dist_reduce_fx="cat")
 
-    def scores(self, maps_clean: torch.Tensor, maps_adv: torch.Tensor) -> torch.Tensor:
-        """(N,) this metric's score of each sample."""
-        return MAP_METRICS[self.name].fn(maps_clean, maps_adv, self.k)
-
     def update(self, maps_clean: torch.Tensor, maps_adv: torch.Tensor, kept: torch.Tensor | None = None) -> None:
         if kept is not None:
             keep = kept.reshape(-1).bool().to(maps_clean.device)
