@@ -6,13 +6,19 @@ through the attribution (double backprop). On a piecewise-linear (ReLU) network 
 so it is computed on a softplus(beta) surrogate that shares the network's weights, while every iterate is
 judged on the ORIGINAL network: an iterate whose predicted label changed is not eligible, and per sample the
 eligible iterate with the worst metric is kept. Samples with no eligible iterate are reported as not kept.
+
+Steps are of a fixed size (the papers) or adaptive (``step_rule="apgd"``, Croce & Hein 2020); stochastic
+attributions are attacked with fresh noise at every step (expectation over transformation) and measured with
+draws the attack never ascended. `robustattr.attacks.worst_case` runs several of these as one ensemble.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import torch
 from torch import nn
@@ -22,6 +28,7 @@ from robustattr.attacks.surrogate import BetaSchedule, require_second_order, sof
 from robustattr.attacks.threat import LinfBall
 from robustattr.attributions.gradient import Attribution, Saliency
 from robustattr.errors import ConfigError
+from robustattr.metrics.classes import MAP_METRICS
 from robustattr.metrics.functional import (
     center_of_mass,
     center_shift,
@@ -33,6 +40,7 @@ from robustattr.metrics.functional import (
 from robustattr.models.activations import needs_smooth_surrogate, set_beta
 
 S = TypeVar("S", bound="AttackState")
+StepRule = Literal["fixed", "apgd"]
 
 
 def _scaled(size: float | torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
@@ -40,6 +48,57 @@ def _scaled(size: float | torch.Tensor, direction: torch.Tensor) -> torch.Tensor
     if isinstance(size, torch.Tensor):
         size = size.to(direction).view(-1, *[1] * (direction.dim() - 1))
     return size * direction
+
+
+def metric_damage(metric: str, maps_clean: torch.Tensor, maps: torch.Tensor, k: int) -> torch.Tensor:
+    """(N,) damage of perturbed maps by a registered map metric (higher: more damage): the metric itself when
+    lower is better (centre shift), its negation when higher is better (top-k intersection, Spearman)."""
+    cls = MAP_METRICS[metric]
+    value = cls.fn(maps_clean, maps, k).float()
+    return -value if cls.higher_is_better else value
+
+
+def damage_to_metric(metric: str, damage: torch.Tensor) -> torch.Tensor:
+    return -damage if MAP_METRICS[metric].higher_is_better else damage
+
+
+def check_metric(owner: str, metric: str | None) -> None:
+    if metric is not None and metric not in MAP_METRICS:
+        raise ConfigError(f"{owner}: metric {metric!r} is not a registered map metric ({', '.join(MAP_METRICS)})")
+
+
+@dataclass
+class AttackDiagnostics:
+    """What an attack's own gradients looked like (sanity flags in the spirit of RobustBench): attack gradients
+    taken per sample and step, how many were identically zero, and on kinked networks how often the smooth
+    surrogate predicted what the network itself predicts at the same iterate. Counts are tensors on the attack's
+    device (no host synchronisation inside the loop)."""
+
+    gradients: torch.Tensor
+    zero_gradients: torch.Tensor
+    surrogate_checked: torch.Tensor
+    surrogate_agreed: torch.Tensor
+
+    @classmethod
+    def empty(cls, device: torch.device) -> AttackDiagnostics:
+        return cls(*[torch.zeros((), dtype=torch.long, device=device) for _ in range(4)])
+
+    def merge(self, other: AttackDiagnostics) -> None:
+        self.gradients = self.gradients + other.gradients.to(self.gradients.device)
+        self.zero_gradients = self.zero_gradients + other.zero_gradients.to(self.gradients.device)
+        self.surrogate_checked = self.surrogate_checked + other.surrogate_checked.to(self.gradients.device)
+        self.surrogate_agreed = self.surrogate_agreed + other.surrogate_agreed.to(self.gradients.device)
+
+    @property
+    def zero_gradient_share(self) -> float:
+        n = int(self.gradients)
+        return int(self.zero_gradients) / n if n else float("nan")
+
+    @property
+    def surrogate_agreement(self) -> float:
+        """Share of iterates where the surrogate's prediction equals the network's (NaN: no surrogate used)."""
+        n = int(self.surrogate_checked)
+        return int(self.surrogate_agreed) / n if n else float("nan")
 
 
 @dataclass
@@ -50,6 +109,7 @@ class ExplanationAttackResult:
     target: torch.Tensor  # the explained class: the clean prediction
     maps_clean: torch.Tensor  # pixel maps of the clean inputs (N, H, W)
     maps_adv: torch.Tensor  # pixel maps at x_adv
+    diagnostics: AttackDiagnostics | None = None
 
 
 @dataclass
@@ -74,14 +134,21 @@ class AttackState:
 class Judge:
     """The shared rule of every explanation attack: an iterate is judged on the ORIGINAL network; one whose
     predicted label changed is not eligible; per sample the eligible iterate with the highest damage score is
-    kept (`keeps` says which eligible iterates replace the kept one)."""
+    kept (`keeps` says which eligible iterates replace the kept one).
 
-    def __init__(self, clean: CleanExplanation) -> None:
+    ``tracked``: registered map metrics whose worst value (and the iterate that has it) over the eligible iterates
+    is kept too, whatever iterate the damage keeps. ``history`` holds each sample's best damage after every
+    judged iterate (for convergence curves)."""
+
+    def __init__(self, clean: CleanExplanation, tracked: Sequence[str] = ()) -> None:
         self.clean = clean
+        n, device = clean.x.shape[0], clean.x.device
         self.x = clean.x.clone()
         self.maps = clean.maps.clone()
-        self.score = torch.full((clean.x.shape[0],), float("-inf"), device=clean.x.device)
-        self.kept = torch.zeros(clean.x.shape[0], dtype=torch.bool, device=clean.x.device)
+        self.score = torch.full((n,), float("-inf"), device=device)
+        self.kept = torch.zeros(n, dtype=torch.bool, device=device)
+        self.tracked = {name: (torch.full((n,), float("-inf"), device=device), clean.x.clone()) for name in tracked}
+        self.history: list[torch.Tensor] = []
 
     def keeps(self, eligible: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         return eligible & (score > self.score)
@@ -93,8 +160,15 @@ class Judge:
         self.maps = torch.where(better.view(-1, 1, 1), maps, self.maps)
         self.score = torch.where(better, score, self.score)
         self.kept |= eligible
+        for name, (worst, x_worst) in self.tracked.items():
+            damage = metric_damage(name, self.clean.maps, maps, self.clean.k)
+            worse = eligible & (damage > worst)
+            self.tracked[name] = torch.where(worse, damage, worst), torch.where(worse.view(-1, 1, 1, 1), x_adv, x_worst)
+        self.history.append(self.score.clone())
 
-    def result(self, device: torch.device, dtype: torch.dtype) -> ExplanationAttackResult:
+    def result(
+        self, device: torch.device, dtype: torch.dtype, diagnostics: AttackDiagnostics | None = None
+    ) -> ExplanationAttackResult:
         clean = self.clean
         nan = torch.full_like(self.score, float("nan"))
         return ExplanationAttackResult(
@@ -104,6 +178,7 @@ class Judge:
             target=clean.target.to(device),
             maps_clean=clean.maps.to(device),
             maps_adv=self.maps.detach().to(device),
+            diagnostics=diagnostics,
         )
 
 
@@ -115,48 +190,104 @@ class LastEligible(Judge):
 
 
 class Iterate:
-    """One iterate x_t of a run. Its attribution on the original network judges it; a step may ask for the
+    """One iterate x_t of a search. Its attribution on the original network judges it; a step may ask for the
     ascent gradient of an objective of its attribution, taken by double backprop through the attribution: on
     the network itself when it is smooth (one pass then serves the step and the judge), else on a softplus
-    surrogate sharing its weights, with beta annealed by the attack's schedule."""
+    surrogate sharing its weights, with beta annealed by the attack's schedule. A stochastic attribution is
+    differentiated with fresh noise at every step and judged with a draw no step ascends."""
 
-    def __init__(self, run: _Run, x_adv: torch.Tensor, t: int) -> None:
-        self.run, self.x, self.t = run, x_adv.detach(), t
+    def __init__(self, search: Search, x_adv: torch.Tensor, t: int) -> None:
+        self.search, self.x, self.t = search, x_adv.detach(), t
         self._judged: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.value: torch.Tensor | None = None  # (N,) the ascended objective here, once a gradient was taken
+        self.surrogate_pred: torch.Tensor | None = None  # the surrogate's prediction here, when one was used
 
     def judged(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(maps, logits) on the original network, detached."""
         if self._judged is None:
-            attr, logits = self.run.attribution.attribute_and_logits(self.run.model, self.x, self.run.target)
+            search = self.search
+            attr, logits = search.judging.attribute_and_logits(search.model, self.x, search.target)
             self._judged = pixel_map(attr), logits
         return self._judged
+
+    def eligible(self) -> torch.Tensor:
+        return self.judged()[1].argmax(dim=1) == self.search.target
 
     def ascent_gradient(
         self, objective: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], cause: Callable[[], str | None]
     ) -> torch.Tensor:
         """d objective(maps, logits).sum() / dx at this iterate; ``cause`` explains a gradient that is zero."""
-        network = self.run.gradient_network(self.t)
+        search = self.search
+        network = search.gradient_network(self.t)
+        attribution = search.step_attribution(self.t)
         x_in = self.x.detach().requires_grad_(True)  # a leaf sharing the iterate's storage: no copy
-        attr, logits = self.run.attribution.attribute_and_logits(network, x_in, self.run.target, create_graph=True)
+        attr, logits = attribution.attribute_and_logits(network, x_in, search.target, create_graph=True)
         maps = pixel_map(attr)
-        if network is self.run.model:
+        if network is search.model and attribution is search.judging:
             self._judged = maps.detach(), logits.detach()
-        (grad,) = torch.autograd.grad(objective(maps, logits).sum(), x_in, allow_unused=True)
-        if not self.run.checked:
-            self.run.checked = True
-            require_second_order(grad, f"{type(self.run.attack).__name__} on {self.run.attribution!r}", cause())
+        if network is not search.model:
+            self.surrogate_pred = logits.detach().argmax(dim=1)
+        value = objective(maps, logits)
+        self.value = value.detach()
+        (grad,) = torch.autograd.grad(value.sum(), x_in, allow_unused=True)
+        if not search.checked:
+            search.checked = True
+            require_second_order(grad, f"{type(search.attack).__name__} on {search.attribution!r}", cause())
+        diagnostics = search.diagnostics
+        diagnostics.gradients += len(self.x)
+        diagnostics.zero_gradients += (grad.flatten(1).abs().amax(dim=1) == 0).sum()
         return grad
 
 
-class _Run:
-    """What one call of an attack shares between its iterates: the networks, the explained class, the
-    network its gradients go through (built on the first gradient asked for: a softplus surrogate for networks
-    with kinked activations, else the network itself)."""
+class Search:
+    """One call of an attack on a batch: the networks, the explained class, the draws, the judge.
 
-    def __init__(self, attack: ExplanationAttack, model: nn.Module, target: torch.Tensor) -> None:
-        self.attack, self.attribution, self.model, self.target = attack, attack.attribution, model, target
+    The network gradients go through is built on the first gradient asked for (a softplus surrogate for networks
+    with kinked activations, else the network itself). ``rows``: only these samples of the batch are attacked,
+    with the random numbers each would get in the whole batch (random starts and random signs are drawn for the
+    whole batch and indexed), so a sample's result does not depend on which others are attacked with it."""
+
+    def __init__(
+        self,
+        attack: ExplanationAttack,
+        model: nn.Module,
+        x_full: torch.Tensor,
+        rows: torch.Tensor | None,
+        generator: torch.Generator | None,
+        full_threat: Any,
+    ) -> None:
+        self.attack, self.model, self.generator = attack, model, generator
+        self.x_full, self.rows = x_full, rows
+        self.full_threat = full_threat
+        self.x = x_full if rows is None else x_full[rows]
+        self.attribution = attack.attribution
+        self.stochastic = attack.fresh_noise and self.attribution.stochastic
+        # Judged with a draw of the noise that no step ascends; reported with the method's own draw (`evaluated`).
+        self.judging = self.attribution.reseeded(self.attribution.seed + 1) if self.stochastic else self.attribution
         self.checked = False
+        self.diagnostics = AttackDiagnostics.empty(x_full.device)
         self._surrogate: nn.Module | None = None
+        self._step_seeds: list[int] = []
+        with torch.no_grad():
+            self.target = model(self.x).argmax(dim=1)
+
+    def whole_batch(self, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A random tensor drawn for the whole batch, restricted to the attacked rows."""
+        value = draw()
+        return value if self.rows is None else value[self.rows]
+
+    def random_start(self) -> torch.Tensor:
+        return self.whole_batch(lambda: self.full_threat.random_start(self.x_full, self.generator))
+
+    def new_restart(self) -> None:
+        """Fresh noise seeds for the steps of the next restart (stochastic attributions only)."""
+        if self.stochastic:
+            device = self.generator.device if self.generator is not None else torch.device("cpu")
+            seeds = torch.randint(0, 2**62, (self.attack.steps,), generator=self.generator, device=device)
+            self._step_seeds = seeds.tolist()
+
+    def step_attribution(self, t: int) -> Attribution:
+        return self.attribution.reseeded(self._step_seeds[t]) if self.stochastic else self.judging
 
     def gradient_network(self, t: int) -> nn.Module:
         schedule = self.attack.schedule
@@ -169,18 +300,110 @@ class _Run:
             set_beta(self._surrogate, schedule(t, self.attack.steps))
         return self._surrogate
 
+    def note(self, iterate: Iterate) -> None:
+        """Count whether the surrogate predicted what the network predicts at a judged iterate."""
+        if iterate.surrogate_pred is not None:
+            logits = iterate.judged()[1]
+            self.diagnostics.surrogate_checked += len(iterate.x)
+            self.diagnostics.surrogate_agreed += (iterate.surrogate_pred == logits.argmax(dim=1)).sum()
+
+    def clean(self) -> CleanExplanation:
+        attr, logits = self.judging.attribute_and_logits(self.model, self.x, self.target)
+        maps = pixel_map(attr)
+        return CleanExplanation(self.x, self.target, logits, maps, self.attack.k or default_k(*maps.shape[1:]))
+
+
+def measured_maps(attribution: Attribution, model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pixel maps of ``attribution`` on ``model`` (detached)."""
+    return pixel_map(attribution.attribute_and_logits(model, x, target)[0])
+
+
+class FixedStep:
+    """Steps of the attack's own size from each iterate (the papers' loop)."""
+
+    def __init__(self, attack: ExplanationAttack, x: torch.Tensor) -> None:
+        self.attack, self.x = attack, x
+
+    def next(self, iterate: Iterate, state: AttackState, generator: torch.Generator | None) -> torch.Tensor:
+        return self.attack.threat.project(iterate.x + self.attack.step(iterate, state, generator), self.x)
+
+
+def apgd_checkpoints(steps: int) -> list[int]:
+    """The iterations at which APGD may halve its step: p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} -
+    0.03, 0.06) as fractions of the budget (Croce & Hein 2020)."""
+    p = [0.0, 0.22]
+    while p[-1] < 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    return sorted({math.ceil(q * steps) for q in p[1:] if 0 < math.ceil(q * steps) < steps})
+
+
+class APGDStep:
+    """Croce & Hein's (2020) adaptive step for one restart, per sample: the step starts at 2 eps; each step
+    moves to ``x + 0.75 (z - x) + 0.25 (x - x_prev)`` with ``z`` the projected step along the attack's direction
+    (momentum); at each checkpoint (`apgd_checkpoints`) the step is halved and the search restarts from its
+    best point where fewer than 75% of the steps since the last checkpoint raised the objective, or where neither
+    the step nor the best value changed since then. Progress is the attack's objective at iterates that keep the
+    label (an iterate that changes it counts as no progress and is never the best point)."""
+
+    momentum = 0.75
+    oscillation = 0.75
+
+    def __init__(self, attack: ExplanationAttack, x: torch.Tensor) -> None:
+        self.attack, self.x = attack, x
+        radius = attack.threat.radius(x)
+        self.eta = (2 * radius * torch.ones(len(x), *[1] * (x.dim() - 1), device=x.device)).to(x.dtype)
+        self.checks = set(apgd_checkpoints(attack.steps))
+        self.last_check = 0
+        self.prev: torch.Tensor | None = None
+
+    def next(self, iterate: Iterate, state: AttackState, generator: torch.Generator | None) -> torch.Tensor:
+        direction = self.attack.direction(iterate, state, generator)
+        value = torch.where(iterate.eligible(), iterate.value, float("-inf"))
+        base = iterate.x
+        if self.prev is None:
+            self.best_value, self.best_x, self.best_direction = value, base, direction
+            self.previous_value = value
+            self.improved = torch.zeros_like(value)
+            self.reduced = torch.zeros_like(value, dtype=torch.bool)
+            self.best_at_check = value
+        else:
+            self.improved += (value > self.previous_value).to(value)
+            self.previous_value = value
+            better = value > self.best_value
+            self.best_value = torch.where(better, value, self.best_value)
+            self.best_x = torch.where(better.view(-1, 1, 1, 1), base, self.best_x)
+            self.best_direction = torch.where(better.view(-1, 1, 1, 1), direction, self.best_direction)
+            if iterate.t in self.checks:
+                since = iterate.t - self.last_check
+                stalled = self.improved <= self.oscillation * since
+                no_gain = ~self.reduced & (self.best_at_check >= self.best_value)
+                reduce = stalled | no_gain
+                self.eta = torch.where(reduce.view(-1, 1, 1, 1), self.eta / 2, self.eta)
+                base = torch.where(reduce.view(-1, 1, 1, 1), self.best_x, base)
+                direction = torch.where(reduce.view(-1, 1, 1, 1), self.best_direction, direction)
+                self.reduced, self.best_at_check = reduce, self.best_value
+                self.improved = torch.zeros_like(self.improved)
+                self.last_check = iterate.t
+        project = self.attack.threat.project
+        z = project(base + self.eta * direction, self.x)
+        a = 1.0 if self.prev is None else self.momentum
+        prev = base if self.prev is None else self.prev
+        self.prev = base
+        return project(base + a * (z - base) + (1 - a) * (base - prev), self.x)
+
 
 class ExplanationAttack(IterativeAttack, Generic[S]):
-    """Base class of the explanation attacks: a shared loop around a per-attack `step` and the shared `Judge`.
+    """Base class of the explanation attacks: a shared loop around a per-attack `direction` and the shared `Judge`.
 
-    A subclass defines its typed state (`init_state`, fresh per restart), its `step` (by default a signed
-    step up the gradient of its `objective`) and its damage `score`.
+    A subclass defines its typed state (`init_state`, fresh per restart), its ascent `direction` (by default the
+    signed gradient of its `objective`) and its damage `score`.
 
     Args:
         attribution: the attacked method (default Saliency); it must be differentiable (not a Captum adapter).
         threat: the L-infinity ball (default 8/255).
         steps: iterations per restart.
-        step_size: default eps/8 (1/255 at 8/255, the RAR/ART setting).
+        step_size: default eps/8 (1/255 at 8/255, the RAR/ART setting); with ``step_rule="apgd"`` the adaptive
+            step starts at 2 eps instead.
         restarts: independent runs (with ``random_start``), the best eligible iterate over all is kept.
         random_start: start from a random point of the ball.
         beta: softplus beta of the smooth surrogate used for the attack gradient on networks with kinked
@@ -190,9 +413,19 @@ class ExplanationAttack(IterativeAttack, Generic[S]):
         k: top-k size for the metric (default: 100 for 32x32, 1000 for 224x224, 1/8 of smaller images).
         seed: seed of random starts and random directions; None (the default) draws from the global RNG, fresh on
             every call (callbacks and the audit inject a seed per chunk, so they are reproducible).
+        metric: judge iterates by this registered map metric (`MAP_METRICS`: the kept iterate is the eligible one
+            with its worst value) instead of the attack's own score.
+        step_rule: ``"fixed"`` (steps of ``step_size``) or ``"apgd"`` (Croce & Hein's adaptive step: momentum,
+            halved when progress stalls, restarts from the best point; `APGDStep`).
+        fresh_noise: for stochastic attributions (SmoothGrad, Uniform Gradient): differentiate each step with a
+            fresh draw of the noise (expectation over transformation, Athalye et al. 2018), judge iterates with a
+            draw no step used, and report maps with the method's own draw. False reuses the method's one draw for
+            everything, which lets the attack overfit it (kept to show that pitfall).
     """
 
     short_name = "explanation"
+    gradient_free = False  # the attack ascends an objective of the attribution (the random walk does not)
+    tracked: tuple[str, ...] = ()  # map metrics whose worst values the judge also keeps (set by ensembles)
 
     def __init__(
         self,
@@ -206,6 +439,9 @@ class ExplanationAttack(IterativeAttack, Generic[S]):
         beta_end: float | None = None,
         k: int | None = None,
         seed: int | None = None,
+        metric: str | None = None,
+        step_rule: StepRule = "fixed",
+        fresh_noise: bool = True,
     ) -> None:
         threat = threat if threat is not None else LinfBall(8 / 255)
         if not isinstance(threat, LinfBall):
@@ -214,15 +450,25 @@ class ExplanationAttack(IterativeAttack, Generic[S]):
         self.attribution = attribution if attribution is not None else Saliency()
         self.schedule = BetaSchedule(beta, beta_end) if beta is not None else None
         self.k = k
+        check_metric(type(self).__name__, metric)
+        if step_rule not in ("fixed", "apgd"):
+            raise ConfigError(f"{type(self).__name__}: step_rule must be 'fixed' or 'apgd', got {step_rule!r}")
+        if step_rule == "apgd" and self.gradient_free:
+            raise ConfigError(f"{type(self).__name__} ascends no objective: the APGD step rule does not apply")
+        self.metric = metric
+        self.step_rule = step_rule
+        self.fresh_noise = fresh_noise
 
     @property
     def step_size(self) -> float:
         return self._step_size if self._step_size is not None else self.threat.eps / 8
 
     def __repr__(self) -> str:
+        rule = "apgd" if self.step_rule == "apgd" else f"step_size={self.step_size:.6g}"
+        judged = f", metric={self.metric}" if self.metric else ""
         return (
-            f"{type(self).__name__}({self.attribution!r}, {self.threat}, steps={self.steps}, "
-            f"step_size={self.step_size:.6g}, restarts={self.restarts}, surrogate={self.schedule})"
+            f"{type(self).__name__}({self.attribution!r}, {self.threat}, steps={self.steps}, {rule}, "
+            f"restarts={self.restarts}, surrogate={self.schedule}{judged})"
         )
 
     # -- what a subclass defines -------------------------------------------------------------------------------
@@ -242,9 +488,13 @@ class ExplanationAttack(IterativeAttack, Generic[S]):
         """Why the objective can have no gradient for these clean maps, when the attack itself can tell."""
         return None
 
+    def direction(self, iterate: Iterate, state: S, generator: torch.Generator | None) -> torch.Tensor:
+        """The unit ascent direction at the iterate: the signed gradient of the objective."""
+        return self.threat.direction(self.ascent(iterate, state))
+
     def step(self, iterate: Iterate, state: S, generator: torch.Generator | None) -> torch.Tensor:
-        """The perturbation to add to the iterate (before projection): a signed step up the objective."""
-        return _scaled(self.step_size, self.threat.direction(self.ascent(iterate, state)))
+        """The perturbation to add to the iterate (before projection): ``step_size`` along `direction`."""
+        return _scaled(self.step_size, self.direction(iterate, state, generator))
 
     def ascent(self, iterate: Iterate, state: S) -> torch.Tensor:
         """The gradient of the objective at the iterate."""
@@ -253,40 +503,67 @@ class ExplanationAttack(IterativeAttack, Generic[S]):
         )
 
     def judge(self, clean: CleanExplanation) -> Judge:
-        return Judge(clean)
+        return Judge(clean, self.tracked)
+
+    def damage(self, maps: torch.Tensor, state: S) -> torch.Tensor:
+        """(N,) what the judge ranks iterates by: ``metric`` when one is set, else the attack's own score."""
+        if self.metric is not None:
+            return metric_damage(self.metric, state.clean.maps, maps, state.clean.k)
+        return self.score(maps, state)
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.run(model, x, y).x_adv
 
-    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> ExplanationAttackResult:
+    def run(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, rows: torch.Tensor | None = None
+    ) -> ExplanationAttackResult:
         """Attack the explanation of each sample's predicted class (``y`` is accepted for the common attack
-        call; as in Ghorbani et al., the explained class is the clean prediction).
+        call; as in Ghorbani et al., the explained class is the clean prediction). ``rows``: attack only these
+        samples of the batch (the result has one entry per row), each with the random numbers it would get in
+        the whole batch.
 
         Cost per step: the attack gradient (a double backward through the attribution) plus judging the new
-        iterate on the original network. Without a surrogate (a smooth network) both come from one pass: the
-        attribution computed at x_t for the step also judges x_t."""
+        iterate on the original network. Without a surrogate (a smooth network) and with a deterministic
+        attribution both come from one pass: the attribution computed at x_t for the step also judges x_t."""
         input_device, input_dtype = x.device, x.dtype
         with gradient_context(model):
             (x,) = prepare(model, x)
-            generator = generator_for(x.device, self.seed)
-            with torch.no_grad():
-                target = model(x).argmax(dim=1)
-            attr, logits = self.attribution.attribute_and_logits(model, x, target)
-            maps = pixel_map(attr)
-            clean = CleanExplanation(x, target, logits, maps, self.k or default_k(*maps.shape[1:]))
-            run, judge = _Run(self, model, target), self.judge(clean)
-            for _ in range(self.restarts):
-                state = self.init_state(clean)
-                x_adv = self.threat.random_start(x, generator) if self.random_start else x.clone()
-                for t in range(self.steps + 1):
-                    iterate = Iterate(run, x_adv, t)
-                    if t < self.steps:
-                        x_adv = self.threat.project(iterate.x + self.step(iterate, state, generator), x)
-                    if t > 0:  # the start is not judged
-                        maps_t, logits_t = iterate.judged()
-                        judge.observe(iterate.x, maps_t, logits_t, self.score(maps_t, state))
-        return judge.result(input_device, input_dtype)
+            search, judge = self.search(model, x, rows)
+            if search.stochastic:  # report with the method's own draw, which neither the steps nor the judge used
+                clean = search.attribution
+                judge.clean.maps = measured_maps(clean, model, judge.clean.x, judge.clean.target)
+                judge.maps = measured_maps(clean, model, judge.x, judge.clean.target)
+                judge.score = torch.where(
+                    judge.kept, self.damage(judge.maps, self.init_state(judge.clean)), judge.score
+                )
+            return judge.result(input_device, input_dtype, search.diagnostics)
+
+    def search(self, model: nn.Module, x: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[Search, Judge]:
+        """The attack on prepared inputs inside `gradient_context`: its `Search` and its `Judge` (with the values
+        of the judging draw, for an ensemble that selects across attacks before measuring)."""
+        attack = self
+        if rows is not None:
+            rows = rows.to(x.device)
+            attack = copy.copy(self)
+            attack.threat = self.threat.rows(rows)
+        search = Search(attack, model, x, rows, generator_for(x.device, self.seed), self.threat)
+        clean = search.clean()
+        judge = attack.judge(clean)
+        for _ in range(attack.restarts):
+            state = attack.init_state(clean)
+            rule = APGDStep(attack, search.x) if attack.step_rule == "apgd" else FixedStep(attack, search.x)
+            search.new_restart()
+            x_adv = search.random_start() if attack.random_start else search.x.clone()
+            for t in range(attack.steps + 1):
+                iterate = Iterate(search, x_adv, t)
+                if t < attack.steps:
+                    x_adv = rule.next(iterate, state, search.generator)
+                if t > 0:  # the start is not judged
+                    maps_t, logits_t = iterate.judged()
+                    judge.observe(iterate.x, maps_t, logits_t, attack.damage(maps_t, state))
+                    search.note(iterate)
+        return search, judge
 
 
 @dataclass
@@ -437,8 +714,8 @@ class TargetMapAttack(ExplanationAttack[TargetMapState]):
         out_change = (logits.softmax(dim=1) - state.probs).pow(2).sum(dim=1)
         return -(self._map_distance(maps, state) + self.gamma * out_change)
 
-    def step(self, iterate, state, generator):
-        return _scaled(self.step_size, state.adam(self.ascent(iterate, state)))
+    def direction(self, iterate, state, generator):
+        return state.adam(self.ascent(iterate, state))
 
 
 class RandomSignAttack(ExplanationAttack[AttackState]):
@@ -448,6 +725,7 @@ class RandomSignAttack(ExplanationAttack[AttackState]):
     compares directly with `TopKAttack`."""
 
     short_name = "random_sign"
+    gradient_free = True
 
     def __init__(
         self,
@@ -457,20 +735,22 @@ class RandomSignAttack(ExplanationAttack[AttackState]):
         step_size: float | None = None,
         k: int | None = None,
         seed: int | None = None,
+        metric: str | None = None,
     ) -> None:
-        super().__init__(attribution, threat, steps, step_size, 1, False, None, None, k, seed)
+        super().__init__(attribution, threat, steps, step_size, 1, False, None, None, k, seed, metric)
 
     @property
     def step_size(self) -> float:
         return self._step_size if self._step_size is not None else self.threat.eps
 
-    def step(self, iterate, state, generator):
-        maps = state.clean.maps  # the noise is drawn in the maps' dtype (as since the attack was written)
-        noise = torch.randn(iterate.x.shape, generator=generator, device=maps.device, dtype=maps.dtype)
-        return _scaled(self.step_size, noise.sign())
+    def direction(self, iterate, state, generator):
+        maps, search = state.clean.maps, iterate.search  # noise in the maps' dtype, drawn for the whole batch
+        return search.whole_batch(
+            lambda: torch.randn(search.x_full.shape, generator=generator, device=maps.device, dtype=maps.dtype)
+        ).sign()
 
     def score(self, maps, state):
         return 1 - topk_intersection(state.clean.maps, maps, state.clean.k)
 
     def judge(self, clean):
-        return LastEligible(clean)
+        return LastEligible(clean, self.tracked)

@@ -47,6 +47,14 @@ class ThreatModel:
         other.eps = eps.detach().reshape(-1)
         return other
 
+    def rows(self, index: torch.Tensor) -> ThreatModel:
+        """The threat of the samples ``index`` of the batch (itself when the radius is one value)."""
+        if isinstance(self.eps, float):
+            return self
+        other = copy.copy(self)
+        other.eps = self.eps[index.to(self.eps.device)]
+        return other
+
     def radius(self, like: torch.Tensor) -> float | torch.Tensor:
         """The radius, shaped to broadcast against a batch like ``like``."""
         return self.eps if isinstance(self.eps, float) else _per_sample(self.eps.to(like), like)

@@ -66,6 +66,7 @@ class GradientShap(CaptumAttribution):
     """GradientSHAP (Lundberg & Lee 2017): expected gradients over black and white baselines, seeded."""
 
     short_name = "gradient_shap"
+    stochastic = True
 
     captum_class = "GradientShap"
 

@@ -7,14 +7,17 @@ drops the second-order terms (REFERENCE.md section 1); these do not, and the tes
 input-derivatives against finite differences.
 
 Attributions do not change the model's mode: call them on a model in eval mode (attacks and callbacks do).
-Noise-based methods are seeded, so the same call returns the same map.
+Noise-based methods are seeded, so the same call returns the same map: they are ``stochastic`` and `reseeded`
+gives the same method with another draw of its noise (explanation attacks take fresh noise at every step, and
+judge with draws they never ascended).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -38,8 +41,18 @@ def _as_input(x: torch.Tensor) -> torch.Tensor:
 class Attribution:
     """Base class: ``output`` chooses the explained score, the logit or the softmax probability."""
 
+    stochastic: ClassVar[bool] = False  # the map is a draw of a random quantity (its noise set by ``seed``)
+
     def __init__(self, output: Output = "logit") -> None:
         self.output = output
+
+    def reseeded(self, seed: int) -> Attribution:
+        """The same method with another draw of its noise (itself for a deterministic method)."""
+        if not self.stochastic:
+            return self
+        other = copy.copy(self)
+        other.seed = int(seed)
+        return other
 
     def score(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Sum over the batch of each sample's explained score (samples are independent in eval mode)."""
@@ -171,6 +184,8 @@ class IntegratedGradients(_PathAverage):
 class _NoiseAverage(_PathAverage):
     """The mean gradient over ``samples`` noisy copies ``x + noise`` (SmoothGrad, Uniform Gradient): one
     attribution, a subclass names the noise distribution (`noise`)."""
+
+    stochastic = True
 
     def noise(self, shape: tuple[int, ...], generator, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -30,12 +30,20 @@ from robustattr.metrics.functional import (
     topk_intersection,
     topk_mask,
 )
+from robustattr.metrics.intervals import (
+    Estimate,
+    mean_interval,
+    paired_difference,
+    proportion_interval,
+    statistic_interval,
+)
 
 __all__ = [
     "MAP_METRICS",
     "AttackSuccessRate",
     "CenterShift",
     "CosineDistance",
+    "Estimate",
     "KendallTau",
     "LabelKeptRate",
     "PerSampleMean",
@@ -52,9 +60,13 @@ __all__ = [
     "kendall_tau",
     "label_kept",
     "map_collection",
+    "mean_interval",
+    "paired_difference",
     "pixel_map",
+    "proportion_interval",
     "robust_accuracy",
     "spearman",
+    "statistic_interval",
     "top_hessian_eigenvalue",
     "topk_intersection",
     "topk_mask",

@@ -50,17 +50,22 @@ class PerSampleMean(MeanMetric):
     def _add(self, values: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         values = values.detach().float().reshape(-1)
         if keep is not None:
-            values = values[keep.reshape(-1).bool().to(values.device)]
-        values = values[~values.isnan()]
-        super().update(values)
+            values = torch.where(keep.reshape(-1).bool().to(values.device), values, float("nan"))
+        super().update(values[~values.isnan()])
         if self.keeps_values:
-            self.values.append(values)
+            self.values.append(values)  # aligned with the samples: NaN where not counted
 
     def update(self, values: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         self._add(values, keep)
 
     def per_sample(self) -> torch.Tensor:
         """Every counted sample's value; under DDP those of all processes (in process order)."""
+        values = self.by_sample()
+        return values[~values.isnan()]
+
+    def by_sample(self) -> torch.Tensor:
+        """One value per updated sample, in update order, NaN where the sample was not counted (for intervals and
+        paired comparisons of two models on the same samples)."""
         values = _gathered_values(self)
         return values if values is not None else torch.empty(0, device=self.device)
 
@@ -75,18 +80,21 @@ class _MapMetric(Metric):
     full_state_update = False
     name: ClassVar[str]
     higher_is_better: bool | None = None
+    worst: ClassVar[float | None]
 
     def __init_subclass__(
         cls,
         name: str,
         higher_is_better: bool,
+        worst: float | None,
         score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         **kwargs,
     ) -> None:
-        """A map metric is its registered name, its direction and its per-sample score (a function of the clean
-        and perturbed maps; or a static ``fn(maps_clean, maps_adv, k)`` when it needs k)."""
+        """A map metric is its registered name, its direction, its worst possible value (None: unbounded; an
+        attack stops on a sample that reached it) and its per-sample score (a function of the clean and perturbed
+        maps; or a static ``fn(maps_clean, maps_adv, k)`` when it needs k)."""
         super().__init_subclass__(**kwargs)
-        cls.name, cls.higher_is_better = name, higher_is_better
+        cls.name, cls.higher_is_better, cls.worst = name, higher_is_better, worst
         if score is not None:
             cls.fn = staticmethod(lambda maps_clean, maps_adv, k: score(maps_clean, maps_adv))
 
@@ -115,6 +123,10 @@ class _MapMetric(Metric):
         self.sums += rows.nan_to_num(0.0).sum(dim=0)
         self.counts += counted.sum(dim=0)
         if self.keeps_values:
+            if kept is not None:  # aligned with the samples: NaN rows where the label was not kept
+                rows = torch.full((len(keep), len(self.group)), float("nan"), device=rows.device).index_put_(
+                    (keep.to(rows.device).nonzero().flatten(),), rows
+                )
             self.values.append(rows)
 
     def compute(self) -> torch.Tensor:
@@ -123,14 +135,19 @@ class _MapMetric(Metric):
 
     def per_sample(self) -> torch.Tensor:
         """Every counted sample's value; under DDP those of all processes (in process order)."""
+        column = self.by_sample()
+        return column[~column.isnan()]
+
+    def by_sample(self) -> torch.Tensor:
+        """One value per updated sample, in update order, NaN where the sample was not kept or has no value (a
+        constant map's Spearman)."""
         rows = _gathered_values(self)
         if rows is None:
             return torch.empty(0, device=self.device)
-        column = rows[:, self.group.index(self.name)]
-        return column[~column.isnan()]
+        return rows[:, self.group.index(self.name)]
 
 
-class TopKIntersection(_MapMetric, name="topk_intersection", higher_is_better=True):
+class TopKIntersection(_MapMetric, name="topk_intersection", higher_is_better=True, worst=0.0):
     """Share of the clean map's top-k pixels still in the perturbed map's top-k (higher: more robust).
     ``k=None`` takes the size rule of `default_k` from the maps' height and width."""
 
@@ -139,19 +156,19 @@ class TopKIntersection(_MapMetric, name="topk_intersection", higher_is_better=Tr
         return F.topk_intersection(maps_clean, maps_adv, k or F.default_k(*maps_clean.shape[1:]))
 
 
-class SpearmanCorrelation(_MapMetric, name="spearman", higher_is_better=True, score=F.spearman):
+class SpearmanCorrelation(_MapMetric, name="spearman", higher_is_better=True, worst=-1.0, score=F.spearman):
     """Spearman's rank correlation of the clean and perturbed maps' pixels (ties averaged)."""
 
 
-class KendallTau(_MapMetric, name="kendall", higher_is_better=True, score=F.kendall_tau):
+class KendallTau(_MapMetric, name="kendall", higher_is_better=True, worst=-1.0, score=F.kendall_tau):
     """Kendall's tau-b of the clean and perturbed maps' pixels."""
 
 
-class CenterShift(_MapMetric, name="center_shift", higher_is_better=False, score=F.center_shift):
+class CenterShift(_MapMetric, name="center_shift", higher_is_better=False, worst=None, score=F.center_shift):
     """Distance in pixels between the centres of mass of the clean and perturbed maps."""
 
 
-class CosineDistance(_MapMetric, name="cosine_distance", higher_is_better=False, score=F.cosine_distance):
+class CosineDistance(_MapMetric, name="cosine_distance", higher_is_better=False, worst=1.0, score=F.cosine_distance):
     """One minus the cosine similarity of the clean and perturbed maps."""
 
 
@@ -198,9 +215,10 @@ class AttackSuccessRate(PerSampleMean):
         self._add(F.attack_success(pred_clean, pred_adv, y, target))
 
 
-def fragility_collection(k: int | None = None, prefix: str | None = None) -> MetricCollection:
+def fragility_collection(k: int | None = None, prefix: str | None = None, per_sample: bool = False) -> MetricCollection:
     """What one explanation attack setting reports, in a callback and in the audit alike: every map metric (one
-    compute group, see `map_collection`) and the label-kept rate. ``update(maps_clean=, maps_adv=, kept=)``."""
-    collection = map_collection(k, prefix)
-    collection.add_metrics({"label_kept": LabelKeptRate()})
+    compute group, see `map_collection`) and the label-kept rate. ``update(maps_clean=, maps_adv=, kept=)``;
+    ``per_sample=True`` keeps every sample's values (``by_sample()`` of each member), for intervals."""
+    collection = map_collection(k, prefix, per_sample)
+    collection.add_metrics({"label_kept": LabelKeptRate(per_sample=per_sample)})
     return collection

@@ -118,6 +118,7 @@ class RenderContext:
     models: dict[str, nn.Module]
     data: AuditData
     training: dict[str, TrainingData] = field(default_factory=dict)
+    comparisons: dict[str, list[dict]] = field(default_factory=dict)  # section name -> paired comparisons
 
 
 class Section:
@@ -141,6 +142,13 @@ class Section:
     def render(self, results: dict, context: RenderContext) -> Rendered:
         """``results``: checkpoint name -> result, or the one result of a cross-model section."""
         raise NotImplementedError
+
+    def paired_values(self, result: dict) -> dict[tuple, tuple[list[float], bool]]:
+        """The per-sample values of one checkpoint's result that checkpoints audited together are compared on:
+        (label fields as (name, value) pairs) -> (values on the audited samples in order, NaN where a sample does
+        not count; whether higher is more robust). The engine compares every pair of checkpoints on them
+        (`robustattr.audit.sections.uncertainty.compare`)."""
+        return {}
 
 
 def device_of(model: nn.Module) -> torch.device:
