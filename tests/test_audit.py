@@ -12,11 +12,12 @@ import yaml
 from safetensors.torch import save_file
 
 from robustattr.attacks import TopKAttack
-from robustattr.attributions import Saliency
+from robustattr.attributions import Saliency, SmoothGrad
 from robustattr.audit import (
     ExplainingAway,
     ExplanationFragility,
     Transferability,
+    WorstCaseFragility,
     load_model,
     main,
     run_audit,
@@ -73,8 +74,21 @@ TINY_AUDIT = {
         {"class_path": "robustattr.audit.ExplainingAway", "init_args": {"epsilon": 0.1, "steps": 5, "ig_steps": 4}},
         {"class_path": "robustattr.audit.Transferability", "init_args": {"steps": 3, "num_samples": 24}},
         {"class_path": "robustattr.audit.SemanticDirections", "init_args": {"top": 4}},
+        {"class_path": "robustattr.audit.WorstCaseFragility",
+         "init_args": {"epsilons": [0.0313725], "steps": 2, "restarts": 1, "betas": [30.0], "num_samples": 12,
+                       "methods": [{"class_path": "robustattr.attributions.Saliency"}],
+                       "budgets": {"saliency": {"steps": 3}}}},
     ],
 }  # fmt: skip
+
+
+def timings_aside(value):
+    """A result without what a clock measured (a section's ``cost`` and its runs' ``seconds``)."""
+    if isinstance(value, dict):
+        return {k: timings_aside(v) for k, v in value.items() if k not in ("cost", "seconds")}
+    if isinstance(value, list):
+        return [timings_aside(v) for v in value]
+    return value
 
 
 def test_every_section_reports_json_and_html_and_a_rerun_is_cached(checkpoints, tmp_path):
@@ -85,13 +99,15 @@ def test_every_section_reports_json_and_html_and_a_rerun_is_cached(checkpoints, 
     results = report["results"]
     assert set(results) == {
         "robustness", "fragility", "attribution_transfer", "smoothing", "curvature", "explaining_away",
-        "transferability", "semantic_directions",
+        "transferability", "semantic_directions", "worst_case_fragility",
     }  # fmt: skip
     names = [c["name"] for c in report["checkpoints"]]
     assert len(set(names)) == 2 and all(len(c["sha256"]) == 64 for c in report["checkpoints"])
     for name in names:
         assert 0.8 < results["robustness"][name]["clean_accuracy"] <= 1
         assert set(results["fragility"][name]["methods"]) == {"saliency", "ig", "deeplift"}
+    assert set(report["comparisons"]) >= {"worst_case_fragility"}
+    assert report["comparisons"]["worst_case_fragility"][0]["samples"] <= 12
     assert len(results["transferability"]["accuracy"]) == 3  # two models and the Gaussian-noise row
     assert report["versions"]["torch"] == torch.__version__ and report["seed"] == 0
     saved = json.loads((tmp_path / "a" / "report.json").read_text())
@@ -103,7 +119,7 @@ def test_every_section_reports_json_and_html_and_a_rerun_is_cached(checkpoints, 
     assert json_safe(again["results"]) == saved["results"]
     fresh = main([*args, "--out", str(tmp_path / "b")])  # recomputed: the same seed gives the same numbers
     assert not any(t["cached"] for t in fresh["timings"].values())
-    assert json_safe(fresh["results"]) == saved["results"]
+    assert timings_aside(json_safe(fresh["results"])) == timings_aside(saved["results"])
 
 
 def test_the_audit_ranks_the_ssr_model_above_the_baseline(checkpoints, tmp_path):
@@ -117,6 +133,44 @@ def test_the_audit_ranks_the_ssr_model_above_the_baseline(checkpoints, tmp_path)
     (base, reg) = (report["results"]["fragility"][name]["methods"]["saliency"]["topk"] for name in names)
     assert reg["by_epsilon"][0]["topk_intersection"] > base["by_epsilon"][0]["topk_intersection"]
     assert reg["auc_cosine_distance"] < base["auc_cosine_distance"]
+
+
+def test_worst_case_section_gives_intervals_flags_noise_floor_and_paired_comparisons(checkpoints, tmp_path):
+    section = WorstCaseFragility(
+        methods=[Saliency(), SmoothGrad(samples=4)], epsilons=[4 / 255, 8 / 255], steps=8, restarts=1,
+        betas=[30.0], budgets={"smoothgrad": {"steps": 3}}, num_samples=32,
+    )  # fmt: skip
+    paths = [f"base={checkpoints['baseline']}", f"ssr={checkpoints['ssr']}", f"again={checkpoints['baseline']}"]
+    report = run_audit(paths, [section], out=str(tmp_path), num_samples=32)
+    results = report["results"]["worst_case_fragility"]
+    for name in ("base", "ssr", "again"):
+        r = results[name]
+        assert set(r["worst_case"]) == {"saliency", "smoothgrad"} and set(r["noise_floor"]) == {"smoothgrad"}
+        for method, per_eps in r["worst_case"].items():
+            assert set(per_eps) == {"4/255", "8/255"}
+            for entry in per_eps.values():
+                for metric in ("topk_intersection", "spearman"):
+                    e = entry[metric]
+                    assert e["ci_low"] <= e["mean"] <= e["ci_high"] and e["n"] == 32
+                assert isinstance(entry["converged"], bool) and isinstance(entry["flags"], list)
+                assert set(entry["flags"]) <= set(entry["checks"])
+                assert entry["curve"]["steps"][-1] == r["attacks"][method]["budget_steps"]
+                assert len(entry["per_sample"]["topk_intersection"]) == 32
+            # a larger ball is at least as damaging: the 8/255 iterate search contains the 4/255 one
+            assert per_eps["8/255"]["topk_intersection"]["mean"] <= per_eps["4/255"]["topk_intersection"]["mean"] + 0.02
+        assert 0 < r["noise_floor"]["smoothgrad"]["topk_intersection"]["mean"] < 1
+    assert timings_aside(results["again"]) == timings_aside(results["base"])  # same seed, same numbers
+    saliency = results["ssr"]["worst_case"]["saliency"]["8/255"]["topk_intersection"]["mean"]
+    assert saliency > results["base"]["worst_case"]["saliency"]["8/255"]["topk_intersection"]["mean"]
+    comparisons = report["comparisons"]["worst_case_fragility"]
+    assert len(comparisons) == 3 * 2 * 2 * 2  # pairs x methods x epsilons x metrics
+    itself = [c for c in comparisons if {c["a"], c["b"]} == {"base", "again"}]
+    assert itself and all(not c["resolved"] and c["difference"] == 0 and c["more_robust"] is None for c in itself)
+    for c in comparisons:
+        assert c["ci_low"] <= c["difference"] <= c["ci_high"]
+        assert c["resolved"] == (c["ci_low"] > 0 or c["ci_high"] < 0)
+    page = (tmp_path / "report.html").read_text()
+    assert "do not differ" in page and "95%" in page and page.count("src='data:image/png;base64,") >= 2
 
 
 def test_detection_auroc_is_higher_for_random_than_for_runner_up_targets(checkpoints, tmp_path):

@@ -14,6 +14,7 @@ from robustattr.audit.sections import (
     SemanticDirections,
     SmoothingWithoutRetraining,
     Transferability,
+    WorstCaseFragility,
 )
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "SemanticDirections",
     "SmoothingWithoutRetraining",
     "Transferability",
+    "WorstCaseFragility",
     "build_data",
     "build_net",
     "load_model",

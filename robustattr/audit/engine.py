@@ -202,6 +202,15 @@ def run_audit(
                     results[section.name] = result
                 else:
                     results[section.name][model.name] = result
+    comparisons: dict[str, list[dict[str, Any]]] = {}
+    if len(models) > 1:  # every pair of checkpoints, on the per-sample values each section compares them on
+        from robustattr.audit.sections.uncertainty import compare
+
+        for section in sections:
+            if not section.cross_model:
+                found = compare(results[section.name], section.paired_values, seed)
+                if found:
+                    comparisons[section.name] = found
     report = {
         "robustattr_audit": 1,
         "checkpoints": [{"name": m.name, "path": str(m.path), "sha256": m.sha256} for m in models],
@@ -211,12 +220,13 @@ def run_audit(
         "versions": versions(),
         "timings": timings,
         "results": results,
+        "comparisons": comparisons,
     }
     atomic_write(out_dir / "report.json", json.dumps(json_safe(report), indent=1, default=str, allow_nan=False) + "\n")
     if html or wandb:
         from robustattr.audit.report import write_html, write_wandb
 
-        context = RenderContext({m.name: m.model for m in models}, audit_data, training)
+        context = RenderContext({m.name: m.model for m in models}, audit_data, training, comparisons)
         figures, parts = write_html(report, sections, context, out_dir / "report.html", tradeoff_epsilon)
         if not html:
             (out_dir / "report.html").unlink()

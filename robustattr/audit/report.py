@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 from robustattr.audit.sections import ExplanationFragility, RobustnessCurves
 from robustattr.audit.sections.base import RenderContext, Rendered, Section, Table, Thumbnail, eps_label
 from robustattr.files import atomic_write
+from robustattr.metrics.intervals import Estimate
 from robustattr.viz import figure, png, style
 
 STYLE = """body{font-family:sans-serif;max-width:1120px;margin:2em auto;color:#222;line-height:1.4}
@@ -47,6 +48,8 @@ def cell(value: Any) -> str:
         data = base64.b64encode(thumbnail_png(value)).decode()
         caption = html.escape(value.caption)
         return f"<img alt='{caption}' src='data:image/png;base64,{data}'>{caption}"
+    if isinstance(value, Estimate):
+        return html.escape(str(value))
     if isinstance(value, bool) or value is None:
         return html.escape(str(value)) if value is not None else "n/a"
     if isinstance(value, float):
@@ -58,7 +61,7 @@ def table_html(table: Table) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
 
     def td(v: Any) -> str:
-        numeric = isinstance(v, int | float) and not isinstance(v, bool)
+        numeric = isinstance(v, int | float | Estimate) and not isinstance(v, bool)
         kind = " class='n'" if numeric else (" class='t'" if isinstance(v, Thumbnail) else "")
         return f"<td{kind}>{cell(v)}</td>"
 

@@ -51,4 +51,13 @@ def every_audit_section(num_samples: int, epsilons: list[float]) -> list:
         S.ExplainingAway(steps=2, ig_steps=2, num_samples=num_samples),
         S.Transferability(steps=2, num_samples=num_samples),
         S.SemanticDirections(top=4),
+        S.WorstCaseFragility(
+            methods=[M.Saliency(), M.SmoothGrad(samples=2)],
+            epsilons=epsilons,
+            steps=2,
+            restarts=1,
+            betas=[30.0],
+            budgets={},
+            num_samples=max(half, 2),
+        ),
     ]

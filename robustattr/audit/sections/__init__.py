@@ -5,6 +5,7 @@ from robustattr.audit.sections.explanations import AttributionTransfer, Explanat
 from robustattr.audit.sections.geometry import Curvature, ExplainingAway, SemanticDirections
 from robustattr.audit.sections.influence import InfluenceAudit
 from robustattr.audit.sections.predictions import RobustnessCurves, Transferability
+from robustattr.audit.sections.worst_case import WorstCaseFragility
 
 __all__ = [
     "AttributionTransfer",
@@ -21,4 +22,5 @@ __all__ = [
     "SmoothingWithoutRetraining",
     "Table",
     "Transferability",
+    "WorstCaseFragility",
 ]

@@ -107,7 +107,7 @@ def comparison_table(comparisons: list[dict[str, Any]], fields: Sequence[str], t
     """Comparisons as a table: the label fields, then the difference with its interval and the verdict."""
     rows = []
     for c in comparisons:
-        labels = [eps_label(c[f]) if f == "epsilon" else c[f] for f in fields]
+        labels = [eps_label(c[f]) if f == "epsilon" and isinstance(c[f], float) else c[f] for f in fields]
         verdict = (
             f"{c['more_robust']} more robust"
             if c["resolved"]
