@@ -1,6 +1,7 @@
 """evaluate.py checkpoint audits on checkpoints trained on the digits inside the tests."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -91,6 +92,36 @@ def timings_aside(value):
     return value
 
 
+def bracketed_intervals(value, found=None) -> dict[str, int]:
+    """Every ``ci`` beside a mean in a result, checked: low <= mean <= high (NaN bounds only where fewer than two
+    samples counted). Returns the count of intervals checked per top-level key."""
+    found = {} if found is None else found
+
+    def check(mean, bounds, where):
+        if isinstance(bounds, dict):
+            for k, b in bounds.items():
+                check(mean[k], b, f"{where}.{k}")
+        elif isinstance(mean, list) and mean and not isinstance(bounds[0], (float, int, type(None))):
+            for m, b in zip(mean, bounds, strict=True):
+                check(m, b, where)
+        else:
+            low, high = bounds
+            if mean is not None and low is not None and math.isfinite(low):
+                assert low - 1e-9 <= mean <= high + 1e-9, (where, low, mean, high)
+            found[where] = found.get(where, 0) + 1
+
+    if isinstance(value, dict):
+        for k, bounds in value.get("ci", {}).items():
+            check(value[k], bounds, k)
+        for k, v in value.items():
+            if k != "ci":
+                bracketed_intervals(v, found)
+    elif isinstance(value, list):
+        for v in value:
+            bracketed_intervals(v, found)
+    return found
+
+
 def test_every_section_reports_json_and_html_and_a_rerun_is_cached(checkpoints, tmp_path):
     config = tmp_path / "audit.yaml"
     config.write_text(yaml.safe_dump(TINY_AUDIT))
@@ -106,7 +137,12 @@ def test_every_section_reports_json_and_html_and_a_rerun_is_cached(checkpoints, 
     for name in names:
         assert 0.8 < results["robustness"][name]["clean_accuracy"] <= 1
         assert set(results["fragility"][name]["methods"]) == {"saliency", "ig", "deeplift"}
-    assert set(report["comparisons"]) >= {"worst_case_fragility"}
+    for section, per_model in results.items():  # every mean with its interval
+        if section not in ("worst_case_fragility",):
+            assert bracketed_intervals(per_model), f"{section} reports no interval"
+    checked = bracketed_intervals(results["robustness"])
+    assert {"clean_accuracy", "accuracy.pgd", "accuracy.fgsm", "lbfgs.success_rate"} <= set(checked)
+    assert set(report["comparisons"]) >= {"robustness", "fragility", "smoothing", "curvature", "worst_case_fragility"}
     assert report["comparisons"]["worst_case_fragility"][0]["samples"] <= 12
     assert len(results["transferability"]["accuracy"]) == 3  # two models and the Gaussian-noise row
     assert report["versions"]["torch"] == torch.__version__ and report["seed"] == 0

@@ -155,3 +155,23 @@ def test_error_bars_and_stored_estimates():
     assert isinstance(e, Estimate) and e.n == 64
     np.testing.assert_allclose(error_bars([e, 0.3]), [[0.05, 0.0], [0.02, 0.0]])
     assert estimate({"topk": 0.6}, "topk") == 0.6
+
+
+def test_auroc_interval_equals_sklearn_and_covers_the_population_auroc():
+    from sklearn.metrics import roc_auc_score
+
+    from robustattr.metrics.intervals import auroc_interval
+
+    rng = np.random.default_rng(3)
+    neg, pos = rng.normal(size=60), rng.normal(0.8, size=40)
+    pos[:4] = neg[:4]  # ties count half
+    e = auroc_interval(neg, pos, seed=0)
+    assert e.mean == pytest.approx(roc_auc_score(np.r_[np.zeros(60), np.ones(40)], np.r_[neg, pos]), abs=1e-12)
+    assert e.ci_low < e.mean < e.ci_high and e.n == 100
+    truth = stats.norm.cdf(0.8 / np.sqrt(2))  # P(pos > neg) for unit normals 0.8 apart
+    covered = 0
+    for trial in range(100):
+        r = np.random.default_rng(100 + trial)
+        est = auroc_interval(r.normal(size=60), r.normal(0.8, size=40), seed=trial, resamples=500)
+        covered += est.ci_low <= truth <= est.ci_high
+    assert 0.88 <= covered / 100 <= 0.995

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import numpy as np
 import torch
@@ -39,8 +40,18 @@ from robustattr.audit.sections.base import (
     stacked,
     sweep,
 )
+from robustattr.audit.sections.uncertainty import (
+    PAIRED_MAP_METRICS,
+    ci,
+    collection_row,
+    comparison_table,
+    describe,
+    error_bars,
+    estimate,
+)
 from robustattr.metrics import MAP_METRICS, TopKIntersection, fragility_collection
 from robustattr.metrics import functional as M
+from robustattr.metrics.intervals import Estimate, mean_interval, statistic_interval
 from robustattr.models.activations import needs_smooth_surrogate
 from robustattr.viz import figure, grid, heatmap, panel_figure, style
 
@@ -78,12 +89,6 @@ def by_attack(methods: list[Attribution]) -> list[tuple[Attribution, list[Attrib
         key = json.dumps(fingerprint(through), sort_keys=True)
         groups.setdefault(key, (through, []))[1].append(method)
     return list(groups.values())
-
-
-def fragility_row(collection) -> dict[str, float]:
-    """A computed `fragility_collection` as one row: every registered map metric, then ``label_kept``."""
-    values = collection.compute()
-    return {name: float(values[name]) for name in [*MAP_METRICS, "label_kept"]}
 
 
 def maps_of(method: Attribution, model, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -145,7 +150,9 @@ class ExplanationFragility(Section):
     def run(self, model, data, progress):
         groups = by_attack(self.methods)
         metrics = {
-            m.short_name: {a.short_name: [fragility_collection(a.k) for _ in self.epsilons] for a in self.attacks}
+            m.short_name: {
+                a.short_name: [fragility_collection(a.k, per_sample=True) for _ in self.epsilons] for a in self.attacks
+            }
             for m in self.methods
         }
         for c, x, y in data.batches(self.num_samples, len(self.epsilons)):
@@ -161,11 +168,36 @@ class ExplanationFragility(Section):
         for method, per_attack in metrics.items():
             results["methods"][method] = {}
             for attack, per_eps in per_attack.items():
-                rows = [fragility_row(collection) for collection in per_eps]
-                cosine = [0.0] + [row["cosine_distance"] for row in rows]
-                auc = np.trapezoid(np.nan_to_num(cosine, nan=0.0), [0.0, *self.epsilons]) / max(self.epsilons)
-                results["methods"][method][attack] = {"by_epsilon": rows, "auc_cosine_distance": float(auc)}
+                rows = [collection_row(collection, data.seed, PAIRED_MAP_METRICS) for collection in per_eps]
+                cosine = [collection["cosine_distance"].by_sample() for collection in per_eps]
+                auc = statistic_interval(self._auc, cosine, data.seed)
+                results["methods"][method][attack] = {
+                    "by_epsilon": rows,
+                    "auc_cosine_distance": auc.mean,
+                    "ci": {"auc_cosine_distance": ci(auc)},
+                }
         return results
+
+    def _auc(self, *cosine: np.ndarray, axis: int) -> np.ndarray:
+        """Area under the mean cosine distance (samples along ``axis``, NaN: label not kept) over epsilon from 0,
+        divided by the largest epsilon."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a resample in which no label was kept
+            means = [np.nan_to_num(np.nanmean(c, axis=axis), nan=0.0) for c in cosine]
+        curve = np.stack([np.zeros_like(means[0]), *means], axis=-1)
+        return np.trapezoid(curve, [0.0, *self.epsilons], axis=-1) / max(self.epsilons)
+
+    def paired_values(self, result):
+        return {
+            (("method", method), ("attack", attack), ("epsilon", eps_label(e)), ("metric", name)): (
+                values,
+                MAP_METRICS[name].higher_is_better,
+            )
+            for method, per_attack in result["methods"].items()
+            for attack, v in per_attack.items()
+            for e, row in zip(result["epsilons"], v["by_epsilon"], strict=True)
+            for name, values in row.get("per_sample", {}).items()
+        }
 
     @staticmethod
     def curve(result: dict, method: str = "saliency", attack: str = "topk") -> tuple[list[float], list[float]]:
@@ -183,8 +215,10 @@ class ExplanationFragility(Section):
                 for k, (name, r) in enumerate(results.items()):
                     eps = [e * 255 for e in r["epsilons"]]
                     for j, (attack, v) in enumerate(r["methods"][method].items()):
-                        ax.plot(eps, [row["topk_intersection"] for row in v["by_epsilon"]], STYLES[j % 4], marker=".",
-                                color=f"C{k}", label=f"{name}: {attack}")  # fmt: skip
+                        estimates = [estimate(row, "topk_intersection") for row in v["by_epsilon"]]
+                        means = [getattr(e, "mean", e) for e in estimates]
+                        ax.errorbar(eps, means, yerr=error_bars(estimates), fmt=STYLES[j % 4], marker=".", capsize=2,
+                                    color=f"C{k}", label=f"{name}: {attack}")  # fmt: skip
                 ax.set_title(method)
                 ax.set_ylim(-0.02, 1.02)
                 ax.set_xlabel("epsilon (x/255)")
@@ -194,13 +228,23 @@ class ExplanationFragility(Section):
         out.figures.append(("fragility vs epsilon per method (top-k intersection; higher is more robust)", fig))
         header = ["model", "method", "attack", "epsilon", *MAP_METRICS, "label kept", "AUC cosine dist."]
         rows = [
-            [name, method, attack, eps_label(e), *[row[m] for m in MAP_METRICS], row["label_kept"],
-             v["auc_cosine_distance"]]
+            [name, method, attack, eps_label(e), *[estimate(row, m) for m in MAP_METRICS], estimate(row, "label_kept"),
+             estimate(v, "auc_cosine_distance")]
             for name, r in results.items() for method, per_attack in r["methods"].items()
             for attack, v in per_attack.items() for e, row in zip(r["epsilons"], v["by_epsilon"], strict=True)
         ]  # fmt: skip
-        out.tables.append(Table(header, rows, "metrics over the samples whose label was kept; AUC of cosine "
+        out.tables.append(Table(header, rows, "metrics over the samples whose label was kept, mean [bootstrap 95% "
+                                              "interval]; label kept with its Wilson interval; AUC of cosine "
                                               "distance over epsilon from 0 (lower: more robust)"))  # fmt: skip
+        comparisons = [c for c in context.comparisons.get(self.name, []) if c["metric"] == "topk_intersection"]
+        largest = eps_label(max(first["epsilons"]))
+        for c in comparisons:
+            if c["attack"] == "topk" and c["epsilon"] == largest:
+                out.say(describe(c, f"{c['method']} top-k intersection under the top-k attack at {largest}"))
+        if comparisons:
+            out.tables.append(comparison_table(comparisons, ["method", "attack", "epsilon"],
+                                               "paired differences of top-k intersection on the same samples "
+                                               "(higher: more robust)"))  # fmt: skip
         if self.examples > 0:
             for name, model in context.models.items():
                 out.figures.append(self._examples(name, model, context))
@@ -244,8 +288,9 @@ class AttributionTransfer(Section):
     def run(self, model, data, progress):
         names = [m.short_name for m in self.methods]
         matrix = np.zeros((len(names), len(names)))
+        bounds = np.zeros((len(names), len(names), 2))
         for i, crafted in enumerate(self.methods):
-            measured_on = [TopKIntersection(self.attack.k) for _ in names]
+            measured_on = [TopKIntersection(self.attack.k, per_sample=True) for _ in names]
             for c, x, y in data.batches(self.num_samples):
                 attack = with_seed(self.attack, data.seed + c)
                 attack.attribution = attackable(crafted)
@@ -256,7 +301,13 @@ class AttributionTransfer(Section):
                     metric.update(clean, adv, result.kept.cpu())
                 progress(1)
             matrix[i] = [float(metric.compute()) for metric in measured_on]
-        return {"methods": names, "epsilon": self.attack.threat.eps, "topk_intersection": matrix.tolist()}
+            bounds[i] = [ci(mean_interval(metric.by_sample(), data.seed)) for metric in measured_on]
+        return {
+            "methods": names,
+            "epsilon": self.attack.threat.eps,
+            "topk_intersection": matrix.tolist(),
+            "ci": {"topk_intersection": bounds.tolist()},  # [row][column] -> [low, high]
+        }
 
     def render(self, results, context):
         out = Rendered()
@@ -267,8 +318,13 @@ class AttributionTransfer(Section):
         out.figures.append(("top-k intersection when crafted against one method and measured on another", fig))
         out.say("Rows: crafted against; columns: measured on.")
         for name, r in results.items():
-            rows = [[m, *v] for m, v in zip(r["methods"], r["topk_intersection"], strict=True)]
-            out.tables.append(Table([f"{name}: crafted \\ measured", *r["methods"]], rows))
+            bounds = r.get("ci", {}).get("topk_intersection")
+            rows = [
+                [m, *[v if bounds is None else Estimate(v, *bounds[i][j], 0) for j, v in enumerate(values)]]
+                for i, (m, values) in enumerate(zip(r["methods"], r["topk_intersection"], strict=True))
+            ]
+            out.tables.append(Table([f"{name}: crafted \\ measured", *r["methods"]], rows,
+                                    "top-k intersection, mean [bootstrap 95% interval]"))  # fmt: skip
         return out
 
 
@@ -298,13 +354,13 @@ class SmoothingWithoutRetraining(Section):
         return (3 + len(self.betas)) * data.count(self.num_samples)
 
     def _measure(self, model, method, attack, data, progress) -> dict[str, float]:
-        collection = fragility_collection(attack.k)
+        collection = fragility_collection(attack.k, per_sample=True)
         for c, x, y in data.batches(self.num_samples):
             ((clean, adv, kept),) = attack_sweep(model, method, [method], attack, [attack.threat.eps], x, y,
                                                  data.seed + c)[method.short_name]  # fmt: skip
             collection.update(maps_clean=clean, maps_adv=adv, kept=kept)
             progress(1)
-        return fragility_row(collection)
+        return collection_row(collection, data.seed)
 
     def run(self, model, data, progress):
         rows = {}
@@ -324,6 +380,13 @@ class SmoothingWithoutRetraining(Section):
             progress(len(self.betas) * data.count(self.num_samples))
         return {"epsilon": self.attack.threat.eps, "explanations": rows, "softplus_applicable": applicable}
 
+    def paired_values(self, result):
+        return {
+            (("explanation", label), ("metric", name)): (values, MAP_METRICS[name].higher_is_better)
+            for label, row in result["explanations"].items()
+            for name, values in row.get("per_sample", {}).items()
+        }
+
     def render(self, results, context):
         out = Rendered()
         with style():
@@ -332,8 +395,13 @@ class SmoothingWithoutRetraining(Section):
             labels = sorted({e for r in results.values() for e in r["explanations"]}, key=_explanation_order)
             width = 0.8 / len(results)
             for k, (name, r) in enumerate(results.items()):
-                values = [r["explanations"].get(e, {}).get("topk_intersection", np.nan) for e in labels]
-                ax.bar(np.arange(len(labels)) + k * width, values, width, label=name)
+                estimates = [
+                    estimate(r["explanations"][e], "topk_intersection") if e in r["explanations"] else np.nan
+                    for e in labels
+                ]
+                values = [getattr(e, "mean", e) for e in estimates]
+                ax.bar(np.arange(len(labels)) + k * width, values, width, yerr=error_bars(estimates), capsize=3,
+                       label=name)  # fmt: skip
             ax.set_xticks(np.arange(len(labels)) + width * (len(results) - 1) / 2, labels, rotation=25, ha="right")
             ax.set_ylabel("top-k intersection")
             ax.set_ylim(0, 1)
@@ -345,9 +413,15 @@ class SmoothingWithoutRetraining(Section):
                 out.say(f"{name}: softplus(beta) explanations do not apply: the network has no kinked activations "
                         "(it is smooth already), so they would equal its saliency.")  # fmt: skip
         header = ["model", "explanation", *MAP_METRICS, "label kept"]
-        rows = [[name, e, *[v[m] for m in MAP_METRICS], v["label_kept"]] for name, r in results.items()
-                for e, v in r["explanations"].items()]  # fmt: skip
-        out.tables.append(Table(header, rows, f"metrics under the top-k attack at {eps}"))
+        rows = [[name, e, *[estimate(v, m) for m in MAP_METRICS], estimate(v, "label_kept")]
+                for name, r in results.items() for e, v in r["explanations"].items()]  # fmt: skip
+        out.tables.append(Table(header, rows, f"metrics under the top-k attack at {eps}, mean [95% interval]"))
+        comparisons = [c for c in context.comparisons.get(self.name, []) if c["metric"] == "topk_intersection"]
+        for c in comparisons:
+            out.say(describe(c, f"{c['explanation']} top-k intersection under the top-k attack at {eps}"))
+        if comparisons:
+            out.tables.append(comparison_table(comparisons, ["explanation"], "paired differences of top-k "
+                                               "intersection on the same samples (higher: more robust)"))  # fmt: skip
         return out
 
 

@@ -12,8 +12,10 @@ from robustattr.attacks import BIM, LinfBall, choose_target
 from robustattr.attacks.base import gradient_context
 from robustattr.attributions import IntegratedGradients
 from robustattr.audit.sections.base import Rendered, Section, Table, device_of, eps_label, predict
+from robustattr.audit.sections.uncertainty import ci, comparison_table, describe, estimate
 from robustattr.errors import ConfigError
 from robustattr.metrics import PerSampleMean, top_hessian_eigenvalue
+from robustattr.metrics.intervals import auroc_interval, mean_interval, proportion_interval
 from robustattr.viz import figure, grid, image_array, style
 
 
@@ -45,10 +47,14 @@ class Curvature(Section):
         def stats(values: list[torch.Tensor]) -> dict:
             t = torch.cat(values).float()
             q = torch.quantile(t, torch.tensor([0.1, 0.5, 0.9]))
-            return {"mean": float(t.mean()), "p10": float(q[0]), "median": float(q[1]), "p90": float(q[2]),
-                    "values": [float(v) for v in t]}  # fmt: skip
+            mean = mean_interval(t, data.seed)
+            return {"mean": mean.mean, "ci": {"mean": ci(mean)}, "p10": float(q[0]), "median": float(q[1]),
+                    "p90": float(q[2]), "values": [float(v) for v in t]}  # fmt: skip
 
         return {"grad_norm": stats(norms), "hessian_top_eig": stats(eigs)}
+
+    def paired_values(self, result):
+        return {(("quantity", key),): (result[key]["values"], False) for key in ("grad_norm", "hessian_top_eig")}
 
     def render(self, results, context):
         out = Rendered()
@@ -62,10 +68,16 @@ class Curvature(Section):
             axes[0].set_ylabel("samples")
             axes[1].legend()
         out.figures.append(("input-gradient norms and top input-Hessian eigenvalues of the loss", fig))
-        header = ["model", "quantity", "mean", "p10", "median", "p90"]
-        rows = [[name, key.replace("_", " "), *[r[key][s] for s in ("mean", "p10", "median", "p90")]]
+        header = ["model", "quantity", "mean [95% interval]", "p10", "median", "p90"]
+        rows = [[name, key.replace("_", " "), estimate(r[key], "mean"), *[r[key][s] for s in ("p10", "median", "p90")]]
                 for name, r in results.items() for key in ("grad_norm", "hessian_top_eig")]  # fmt: skip
         out.tables.append(Table(header, rows))
+        comparisons = context.comparisons.get(self.name, [])
+        for c in comparisons:
+            out.say(describe(c, f"{c['quantity'].replace('_', ' ')} (lower: smoother)"))
+        if comparisons:
+            out.tables.append(comparison_table(comparisons, ["quantity"], "paired differences on the same samples "
+                                               "(lower: smoother)"))  # fmt: skip
         return out
 
 
@@ -98,7 +110,7 @@ class ExplainingAway(Section):
     def run(self, model, data, progress):
         bim = BIM(LinfBall(self.epsilon), steps=self.steps, step_size=2.5 * self.epsilon / self.steps)
         scores: dict[str, list[torch.Tensor]] = {"clean": [], "random": [], "runner_up": []}
-        success = {"random": PerSampleMean(), "runner_up": PerSampleMean()}
+        success = {"random": PerSampleMean(per_sample=True), "runner_up": PerSampleMean(per_sample=True)}
         for c, x, y in data.batches(self.num_samples):
             logits = predict(model, x)
             pred = logits.argmax(1)
@@ -116,7 +128,10 @@ class ExplainingAway(Section):
             adv = torch.cat(scores[mode])
             labels = np.r_[np.zeros(len(clean)), np.ones(len(adv))]
             auroc = roc_auc_score(labels, -np.r_[clean.numpy(), adv.numpy()]) if len(adv) else float("nan")
+            interval = auroc_interval(-clean, -adv, data.seed)  # lower coherence: adversarial
+            reached = proportion_interval(success[mode].by_sample())
             out[mode] = {"attack_success": float(success[mode].compute()), "detection_auroc": float(auroc),
+                         "ci": {"attack_success": ci(reached), "detection_auroc": ci(interval)},
                          "coherence": [float(v) for v in adv]}  # fmt: skip
         return out
 
@@ -134,8 +149,8 @@ class ExplainingAway(Section):
             axes[0].legend(loc="upper left")
         eps = eps_label(next(iter(results.values()))["epsilon"])
         out.figures.append((f"attribution evidence, clean vs targeted BIM at {eps}", fig))
-        rows = [[name, mode.replace("_", "-"), r[mode]["attack_success"], len(r[mode]["coherence"]),
-                 r[mode]["detection_auroc"]]
+        rows = [[name, mode.replace("_", "-"), estimate(r[mode], "attack_success"), len(r[mode]["coherence"]),
+                 estimate(r[mode], "detection_auroc")]
                 for name, r in results.items() for mode in ("random", "runner_up")]  # fmt: skip
         out.tables.append(Table(["model", "targets", "attack success", "adversarial samples", "detection AUROC"], rows))
         return out
@@ -190,13 +205,20 @@ class SemanticDirections(Section):
         indices = {label: (phi @ v).topk(top).indices.tolist() for label, v in directions.items()}
         purity = {label: _purity(data.y[idx]) for label, idx in indices.items()}
         chance = [_purity(data.y[torch.randperm(len(data.y), generator=gen)[:top]]) for _ in range(200)]
+        means = {
+            "purity_units": mean_interval([p for k, p in purity.items() if k.startswith("unit")], data.seed),
+            "purity_random_directions": mean_interval(
+                [p for k, p in purity.items() if k.startswith("random")], data.seed
+            ),
+            "purity_random_images": mean_interval(chance, data.seed),
+        }  # intervals over the directions (units, random directions) and over the 200 random sets of images
         return {
             "layer": name + (" (input)" if use_input else ""),
             "top_indices": indices,
             "label_purity": purity,
-            "purity_units": float(np.mean([p for k, p in purity.items() if k.startswith("unit")])),
-            "purity_random_directions": float(np.mean([p for k, p in purity.items() if k.startswith("random")])),
-            "purity_random_images": float(np.mean(chance)),
+            **{key: e.mean for key, e in means.items()},
+            "ci": {key: ci(e) for key, e in means.items()},
+            "n": {key: e.n for key, e in means.items()},
         }
 
     def render(self, results, context):
@@ -219,7 +241,8 @@ class SemanticDirections(Section):
             out.say(f"{name}: label purity of the top images (share of their most common class): single units "
                     f"{r['purity_units']:.2f}, random directions {r['purity_random_directions']:.2f}, random sets of "
                     f"images {r['purity_random_images']:.2f} (chance).")  # fmt: skip
-        rows = [[name, r["layer"], r["purity_units"], r["purity_random_directions"], r["purity_random_images"]]
+        rows = [[name, r["layer"], *[estimate(r, key) for key in ("purity_units", "purity_random_directions",
+                                                                   "purity_random_images")]]
                 for name, r in results.items()]  # fmt: skip
         out.tables.append(Table(["model", "layer", "purity: units", "purity: random directions",
                                  "purity: random images"], rows))  # fmt: skip

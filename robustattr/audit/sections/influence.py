@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from robustattr.audit.sections.base import Rendered, Section, Table, Thumbnail, eps_label, predict
+from robustattr.audit.sections.uncertainty import ci, error_bars
 from robustattr.data.base import dataset_labels
 from robustattr.errors import ConfigError, keep_counts
 from robustattr.influence import ExactInfluence, Influence
@@ -34,6 +35,7 @@ from robustattr.influence.analysis import (
     random_signal,
 )
 from robustattr.influence.attacks import InfluenceFragilityAttack, compare_influence, random_sign
+from robustattr.metrics.intervals import Estimate, mean_interval, proportion_interval
 from robustattr.viz import grid, style
 
 SIGNALS = ("self_influence", "loss", "gradient_norm", "random")
@@ -175,7 +177,9 @@ class InfluenceAudit(Section):
         fragility: dict = {"epsilons": self.epsilons, "queries": len(chosen), "top": self.top,
                            "top5_overlap": {"targeted": [], "random_sign": []},
                            "spearman": {"targeted": [], "random_sign": []},
-                           "label_kept": {"targeted": [], "random_sign": []}}  # fmt: skip
+                           "label_kept": {"targeted": [], "random_sign": []},
+                           "ci": {key: {"targeted": [], "random_sign": []}
+                                  for key in ("top5_overlap", "spearman", "label_kept")}}  # fmt: skip
         for e, eps in enumerate(self.epsilons):
             attack = InfluenceFragilityAttack(eps, steps=self.steps, top=self.top)
             result = attack(influence, xq, yq, before)
@@ -185,9 +189,14 @@ class InfluenceAudit(Section):
                 ("random_sign", noisy, predict(model, noisy).argmax(1) == pred[chosen]),
             ):
                 measured = compare_influence(before, influence.scores(images, yq).values, self.overlap_k)
-                fragility["top5_overlap"][kind].append(float(measured["top_overlap"].mean()))
-                fragility["spearman"][kind].append(float(measured["spearman"].nanmean()))
-                fragility["label_kept"][kind].append(float(kept.float().mean()))
+                estimates = {
+                    "top5_overlap": mean_interval(measured["top_overlap"], data.seed),
+                    "spearman": mean_interval(measured["spearman"], data.seed),  # NaN (constant vector): dropped
+                    "label_kept": proportion_interval(kept.float()),
+                }  # over the queries
+                for key, e in estimates.items():
+                    fragility[key][kind].append(e.mean)
+                    fragility["ci"][key][kind].append(ci(e))
             progress(1)
         lap("fragility", units=0)
         return {
@@ -330,21 +339,36 @@ class InfluenceAudit(Section):
                 f = r["fragility"]
                 x = [e * 255 for e in f["epsilons"]]
                 for ax, key in zip(axes, ("top5_overlap", "spearman"), strict=True):
-                    ax.plot(x, f[key]["targeted"], "-o", color=f"C{k}", label=f"{name}: targeted")
-                    ax.plot(x, f[key]["random_sign"], "--s", color=f"C{k}", label=f"{name}: random sign")
+                    for kind, fmt in (("targeted", "-o"), ("random_sign", "--s")):
+                        estimates = self._estimates(f, key, kind)
+                        ax.errorbar(
+                            x,
+                            f[key][kind],
+                            yerr=error_bars(estimates),
+                            fmt=fmt,
+                            capsize=2,
+                            color=f"C{k}",
+                            label=f"{name}: {kind.replace('_', ' ')}",
+                        )
                     ax.set_xlabel("epsilon (/255)")
                     ax.set_ylabel(key.replace("_", " ").replace("top5", "top-5"))
                     ax.grid(alpha=0.3)
             axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         out.figures.append(("influence fragility: targeted perturbation vs random sign", fig))
-        rows = [[name, eps_label(e), f["top5_overlap"]["targeted"][i], f["top5_overlap"]["random_sign"][i],
-                 f["spearman"]["targeted"][i], f["spearman"]["random_sign"][i], f["label_kept"]["targeted"][i],
-                 f["label_kept"]["random_sign"][i]]
+        rows = [[name, eps_label(e), *[self._estimates(f, key, kind)[i] for key in ("top5_overlap", "spearman",
+                                                                                     "label_kept")
+                                       for kind in ("targeted", "random_sign")]]
                 for name, r in results.items()
                 for f in [r["fragility"]]
                 for i, e in enumerate(f["epsilons"])]  # fmt: skip
         out.tables.append(Table(["model", "epsilon", "top-5 overlap: targeted", "top-5 overlap: random sign",
                                  "Spearman: targeted", "Spearman: random sign", "label kept: targeted",
                                  "label kept: random sign"], rows,
-                                f"influence vectors of {next(iter(results.values()))['fragility']['queries']} test "
-                                "points before and after each perturbation"))  # fmt: skip
+                                f"influence vectors of {next(iter(results.values()))['fragility']['queries']} "
+                                "test points before and after each perturbation, mean [95% interval over the "
+                                "queries]"))  # fmt: skip
+
+    @staticmethod
+    def _estimates(f: dict, key: str, kind: str) -> list[Estimate]:
+        bounds = f.get("ci", {}).get(key, {}).get(kind) or [[float("nan")] * 2] * len(f[key][kind])
+        return [Estimate(v, *b, 0) for v, b in zip(f[key][kind], bounds, strict=True)]

@@ -17,8 +17,10 @@ from robustattr.audit.sections.base import (
     stacked,
     sweep,
 )
+from robustattr.audit.sections.uncertainty import ci, comparison_table, describe, error_bars, values_list
 from robustattr.metrics import PerSampleMean, RobustAccuracy, TopKIntersection
 from robustattr.metrics import functional as M
+from robustattr.metrics.intervals import Estimate, mean_interval, proportion_interval
 from robustattr.viz import figure, heatmap, style
 
 STYLES = ["-", "--", ":", "-."]
@@ -51,8 +53,8 @@ class RobustnessCurves(Section):
 
     def run(self, model, data, progress):
         attacks = {"fgsm": FGSM(), "bim": BIM(steps=self.steps), "pgd": PGD(steps=self.steps)}
-        accuracy = {name: [RobustAccuracy() for _ in self.epsilons] for name in attacks}
-        clean = RobustAccuracy()
+        accuracy = {name: [RobustAccuracy(per_sample=True) for _ in self.epsilons] for name in attacks}
+        clean = RobustAccuracy(per_sample=True)
         copies = len(self.epsilons)
         for c, x, y in data.batches(copies=copies):
             clean.update(predict(model, x), y)
@@ -72,10 +74,24 @@ class RobustnessCurves(Section):
             found.update(result.success.float())
             progress(1)
         d = distortion.per_sample()
+        correct = {name: [m.by_sample() for m in per_eps] for name, per_eps in accuracy.items()}
+        success = proportion_interval(found.compute() * attempted, attempted) if attempted else None
         return {
             "epsilons": self.epsilons,
             "clean_accuracy": float(clean.compute()),
             "accuracy": {name: [float(m.compute()) for m in per_eps] for name, per_eps in accuracy.items()},
+            "ci": {  # Wilson 95% intervals of the accuracies; a bootstrap one of the mean distortion
+                "clean_accuracy": ci(proportion_interval(clean.by_sample())),
+                "accuracy": {name: [ci(proportion_interval(v)) for v in per_eps] for name, per_eps in correct.items()},
+                "lbfgs": {
+                    "success_rate": ci(success) if success else [float("nan")] * 2,
+                    "distortion_mean": ci(mean_interval(d, data.seed)),
+                },
+            },
+            "per_sample": {  # 1: still correct; for paired comparisons (the same samples for every checkpoint)
+                "clean": values_list(clean.by_sample()),
+                **{name: [values_list(v) for v in per_eps] for name, per_eps in correct.items()},
+            },
             "lbfgs": {
                 "samples": attempted,
                 "success_rate": float(found.compute()),
@@ -85,6 +101,16 @@ class RobustnessCurves(Section):
                 "distortion_max": float(d.max()) if d.numel() else float("nan"),
             },
         }
+
+    def paired_values(self, result):
+        if "per_sample" not in result:
+            return {}
+        out = {(("attack", "none"), ("epsilon", "0/255")): (result["per_sample"]["clean"], True)}
+        for attack, per_eps in result["per_sample"].items():
+            if attack != "clean":
+                for e, values in zip(result["epsilons"], per_eps, strict=True):
+                    out[(("attack", attack), ("epsilon", eps_label(e)))] = (values, True)
+        return out
 
     @staticmethod
     def curve(result: dict, attack: str = "pgd") -> tuple[list[float], list[float]]:
@@ -98,9 +124,10 @@ class RobustnessCurves(Section):
             ax = fig.subplots()
             for k, (name, r) in enumerate(results.items()):
                 eps = [0.0, *[e * 255 for e in r["epsilons"]]]
-                for j, (attack, acc) in enumerate(r["accuracy"].items()):
-                    ax.plot(eps, [r["clean_accuracy"], *acc], STYLES[j % 4], marker="o", color=f"C{k}",
-                            label=f"{name}: {attack.upper()}")  # fmt: skip
+                for j, attack in enumerate(r["accuracy"]):
+                    estimates = self._estimates(r, attack)
+                    ax.errorbar(eps, [e.mean for e in estimates], yerr=error_bars(estimates), fmt=STYLES[j % 4],
+                                marker="o", capsize=2, color=f"C{k}", label=f"{name}: {attack.upper()}")  # fmt: skip
             ax.set_xlabel("epsilon (x/255, L-infinity)")
             ax.set_ylabel("accuracy")
             ax.set_ylim(-0.02, 1.02)
@@ -108,14 +135,32 @@ class RobustnessCurves(Section):
         out.figures.append(("accuracy vs epsilon", fig))
         first = next(iter(results.values()))
         header = ["model", "attack", "clean", *[eps_label(e) for e in first["epsilons"]]]
-        rows = [[name, attack.upper(), r["clean_accuracy"], *acc] for name, r in results.items()
-                for attack, acc in r["accuracy"].items()]  # fmt: skip
-        out.tables.append(Table(header, rows, "accuracy under attack"))
+        rows = [[name, attack.upper(), *self._estimates(r, attack)] for name, r in results.items()
+                for attack in r["accuracy"]]  # fmt: skip
+        out.tables.append(Table(header, rows, "accuracy under attack [Wilson 95% interval]"))
+        comparisons = context.comparisons.get(self.name, [])
+        for c in comparisons:
+            if c["attack"] in ("none", "pgd"):
+                what = "clean accuracy" if c["attack"] == "none" else f"PGD accuracy at {c['epsilon']}"
+                out.say(describe(c, what))
+        if comparisons:
+            out.tables.append(comparison_table(comparisons, ["attack", "epsilon"], "paired differences of accuracy "
+                                               "on the same samples"))  # fmt: skip
         keys = ("samples", "success_rate", "distortion_mean", "distortion_median", "distortion_min", "distortion_max")
-        rows = [[name, *[r["lbfgs"][k] for k in keys]] for name, r in results.items()]
+        rows = [[name, *[Estimate(r["lbfgs"][k], *r["ci"]["lbfgs"][k], 0) if k in r.get("ci", {}).get("lbfgs", {})
+                         else r["lbfgs"][k] for k in keys]] for name, r in results.items()]  # fmt: skip
         header = ["model", "L-BFGS samples", "success rate", "mean distortion", "median", "min", "max"]
         out.tables.append(Table(header, rows, "L-BFGS minimum distortion, sqrt(mean(r^2)) over the examples found"))
         return out
+
+    @staticmethod
+    def _estimates(r: dict, attack: str) -> list[Estimate]:
+        """Clean accuracy, then the accuracy under ``attack`` at each epsilon, with their intervals."""
+        bounds = r.get("ci", {})
+        clean = bounds.get("clean_accuracy", [float("nan")] * 2)
+        per_eps = bounds.get("accuracy", {}).get(attack, [[float("nan")] * 2] * len(r["epsilons"]))
+        return [Estimate(r["clean_accuracy"], *clean, 0),
+                *[Estimate(a, *b, 0) for a, b in zip(r["accuracy"][attack], per_eps, strict=True)]]  # fmt: skip
 
 
 class Transferability(Section):
@@ -139,8 +184,8 @@ class Transferability(Section):
     def run_all(self, models, data, progress):
         names = list(models)
         n = len(names)
-        acc = [[RobustAccuracy() for _ in names] for _ in range(n + 1)]  # last row: Gaussian noise
-        topk = [[TopKIntersection() for _ in names] for _ in names]
+        acc = [[RobustAccuracy(per_sample=True) for _ in names] for _ in range(n + 1)]  # last row: Gaussian noise
+        topk = [[TopKIntersection(per_sample=True) for _ in names] for _ in names]
         pgd = PGD(LinfBall(self.epsilon), steps=self.steps)
         explanation = TopKAttack(Saliency(), LinfBall(self.epsilon), steps=self.steps)
         for c, x, y in data.batches(self.num_samples):
@@ -170,6 +215,10 @@ class Transferability(Section):
             "accuracy": [[float(cell.compute()) for cell in row] for row in acc],
             "rows": [*names, "gaussian noise (same L2 norm)"],
             "topk_intersection": [[float(cell.compute()) for cell in row] for row in topk],
+            "ci": {  # [row][column] -> [low, high]: Wilson for accuracies, bootstrap for top-k intersections
+                "accuracy": [[ci(proportion_interval(cell.by_sample())) for cell in row] for row in acc],
+                "topk_intersection": [[ci(mean_interval(cell.by_sample(), data.seed)) for cell in row] for row in topk],
+            },
         }
 
     def render(self, result, context):
@@ -184,9 +233,15 @@ class Transferability(Section):
         out.figures.append(("transferability across checkpoints", fig))
         out.say("Rows: crafted on; columns: evaluated on.")
         header = ["crafted on \\ evaluated on", *result["models"]]
-        out.tables.append(Table(header, [[r, *v] for r, v in zip(result["rows"], result["accuracy"], strict=True)],
-                                f"accuracy on adversaries (PGD, {eps})"))  # fmt: skip
-        out.tables.append(Table(header, [[r, *v] for r, v in zip(result["models"], result["topk_intersection"],
-                                                                    strict=True)],
-                                f"top-k intersection of saliency maps under top-k attacks ({eps})"))  # fmt: skip
+
+        def cells(key: str, labels: list[str]) -> list[list]:
+            bounds = result.get("ci", {}).get(key)
+            return [[label, *[v if bounds is None else Estimate(v, *bounds[i][j], 0) for j, v in enumerate(row)]]
+                    for i, (label, row) in enumerate(zip(labels, result[key], strict=True))]  # fmt: skip
+
+        out.tables.append(Table(header, cells("accuracy", result["rows"]),
+                                f"accuracy on adversaries (PGD, {eps}) [Wilson 95% interval]"))  # fmt: skip
+        out.tables.append(Table(header, cells("topk_intersection", result["models"]),
+                                f"top-k intersection of saliency maps under top-k attacks ({eps}) "
+                                "[bootstrap 95% interval]"))  # fmt: skip
         return out

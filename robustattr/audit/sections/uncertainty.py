@@ -47,6 +47,26 @@ def estimate(row: dict[str, Any], name: str) -> Estimate | float:
     return Estimate(number[0], number[1], number[2], int(row.get("n", {}).get(name, 0)))
 
 
+PAIRED_MAP_METRICS = ("topk_intersection", "spearman")
+
+
+def collection_row(collection, seed: int, paired: Sequence[str] = PAIRED_MAP_METRICS) -> dict[str, Any]:
+    """A computed per-sample collection (``per_sample=True``; e.g. `fragility_collection`) as one row: each
+    member's mean, ``ci`` -> member -> [low, high] (Wilson for the shares in `PROPORTIONS`, bootstrap otherwise),
+    ``n`` -> member -> samples counted, and ``per_sample`` -> member -> values (NaN where not counted) for the
+    members in ``paired``, on which checkpoints are compared."""
+    values = collection.compute()
+    row: dict[str, Any] = {name: float(v) for name, v in values.items()}
+    row["ci"], row["n"], row["per_sample"] = {}, {}, {}
+    for name, metric in collection.items(keep_base=True):
+        samples = metric.by_sample()
+        e = interval(samples, seed, proportion=name in PROPORTIONS)
+        row["ci"][name], row["n"][name] = ci(e), e.n
+        if name in paired:
+            row["per_sample"][name] = values_list(samples)
+    return row
+
+
 def error_bars(estimates: Sequence[Estimate | float]) -> np.ndarray:
     """(2, N) distances below and above each mean, for matplotlib's ``yerr`` (0 where no interval)."""
     below, above = [], []
