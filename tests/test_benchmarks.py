@@ -37,3 +37,18 @@ def test_influence_fragility_by_training_runs_at_tiny_sizes(tmp_path):
     for key in ("top5_overlap", "spearman"):
         assert set(saved[key]) == {"plain", "ssr", "pgd_at"}
         assert all(len(v["targeted"]) == len(v["random_sign"]) == 3 for v in saved[key].values())
+
+
+@pytest.mark.slow
+def test_worst_case_attack_benchmark_runs_at_tiny_sizes(tmp_path):
+    import worst_case_attack as bench
+
+    out = tmp_path / "worst_case.json"
+    argv = ["--epochs", "1", "--num-samples", "8", "--steps", "2", "--restarts", "1", "--betas", "30"]
+    report = bench.main([*argv, "--work", str(tmp_path / "runs"), "--out", str(out)])
+    saved = json.loads(out.read_text())
+    for key in ("default_topk", "worst_case_topk", "member_topk", "dominance", "cost_over_default"):
+        assert set(saved[key]) == {"quickstart", "quickstart_reg"} and saved[key] == report[key]
+    assert all(d == 1.0 for d in saved["dominance"].values())
+    assert all(set(m) == {"random_sign", "topk", "mass_center", "targeted"} for m in saved["member_topk"].values())
+    assert all(c > 0 for c in saved["cost_over_default"].values())

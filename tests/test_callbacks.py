@@ -92,6 +92,27 @@ def test_values_equal_a_direct_computation_on_the_same_subset(trained, tmp_path)
     assert results["val/frag/saliency/topk_linf8/topk_intersection"] == pytest.approx(expected)
 
 
+def test_a_worst_case_ensemble_in_the_callback_logs_what_the_ensemble_finds_on_the_same_subset(trained, tmp_path):
+    from robustattr.attacks import WorstCaseExplanationAttack
+
+    ensemble = WorstCaseExplanationAttack(steps=3, restarts=1, betas=[30.0])
+    frag = FragilityValidation(attacks=[ensemble, TopKAttack(steps=3)], num_samples=32, batch_size=16)
+    trainer = _trainer(tmp_path, [frag])
+    (results,) = trainer.validate(trained, datamodule=DigitsDataModule(), verbose=False)
+    x, y = frag.subset(trainer, "val")
+    trained.eval()
+    values, kept = [], []
+    for c, start in enumerate(range(0, 32, 16)):  # the same chunks and seeds
+        attack = WorstCaseExplanationAttack(threat=LinfBall(8 / 255), steps=3, restarts=1, betas=[30.0], seed=c)
+        r = attack.run(trained, x[start : start + 16], y[start : start + 16])
+        values.append(r.values[r.kept])
+        kept.append(r.kept)
+    name = "val/frag/saliency/worst_case_linf8"
+    assert results[f"{name}/topk_intersection"] == pytest.approx(torch.cat(values).mean().item(), abs=1e-6)
+    assert results[f"{name}/label_kept"] == pytest.approx(torch.cat(kept).float().mean().item())
+    assert results[f"{name}/topk_intersection"] < results["val/frag/saliency/topk_linf8/topk_intersection"]
+
+
 def test_same_seed_same_numbers_and_another_seed_another_subset(trained, tmp_path):
     def run(seed):
         cb = FragilityValidation(attacks=[TopKAttack(steps=4)], num_samples=32, batch_size=16, seed=seed)
