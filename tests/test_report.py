@@ -100,9 +100,11 @@ def test_each_section_renders_its_own_tables_with_every_number_of_its_figures(tm
     for name in ("first", "second"):  # FGSM, BIM and PGD accuracy at every epsilon, as plotted
         for attack in ("fgsm", "bim", "pgd"):
             (row,) = [r for r in rows if r[0] == name and r[1] == attack.upper()]
-            assert row[2:] == [robustness[name]["clean_accuracy"], *robustness[name]["accuracy"][attack]]
+            assert [e.mean for e in row[2:]] == [robustness[name]["clean_accuracy"],
+                                                 *robustness[name]["accuracy"][attack]]  # fmt: skip
+            assert all(0 <= e.ci_low <= e.mean <= e.ci_high <= 1 for e in row[2:])  # with its Wilson interval
     lbfgs = parts[RobustnessCurves.title].tables[1]
-    assert lbfgs.header[2] == "success rate" and all(0 <= r[2] <= 1 for r in lbfgs.rows)
+    assert lbfgs.header[2] == "success rate" and all(0 <= r[2].mean <= 1 for r in lbfgs.rows)
     fragility = parts[ExplanationFragility.title]
     assert [name for name, _ in fragility.figures].count("example maps, first") == 1
     assert [name for name, _ in fragility.figures].count("example maps, second") == 1  # every checkpoint

@@ -45,6 +45,7 @@ from robustattr.audit.sections.uncertainty import (
     ci,
     collection_row,
     comparison_table,
+    comparisons_of,
     describe,
     error_bars,
     estimate,
@@ -236,7 +237,7 @@ class ExplanationFragility(Section):
         out.tables.append(Table(header, rows, "metrics over the samples whose label was kept, mean [bootstrap 95% "
                                               "interval]; label kept with its Wilson interval; AUC of cosine "
                                               "distance over epsilon from 0 (lower: more robust)"))  # fmt: skip
-        comparisons = [c for c in context.comparisons.get(self.name, []) if c["metric"] == "topk_intersection"]
+        comparisons = [c for c in comparisons_of(context, self.name) if c["metric"] == "topk_intersection"]
         largest = eps_label(max(first["epsilons"]))
         for c in comparisons:
             if c["attack"] == "topk" and c["epsilon"] == largest:
@@ -416,7 +417,7 @@ class SmoothingWithoutRetraining(Section):
         rows = [[name, e, *[estimate(v, m) for m in MAP_METRICS], estimate(v, "label_kept")]
                 for name, r in results.items() for e, v in r["explanations"].items()]  # fmt: skip
         out.tables.append(Table(header, rows, f"metrics under the top-k attack at {eps}, mean [95% interval]"))
-        comparisons = [c for c in context.comparisons.get(self.name, []) if c["metric"] == "topk_intersection"]
+        comparisons = [c for c in comparisons_of(context, self.name) if c["metric"] == "topk_intersection"]
         for c in comparisons:
             out.say(describe(c, f"{c['explanation']} top-k intersection under the top-k attack at {eps}"))
         if comparisons:

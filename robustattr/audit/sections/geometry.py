@@ -12,7 +12,7 @@ from robustattr.attacks import BIM, LinfBall, choose_target
 from robustattr.attacks.base import gradient_context
 from robustattr.attributions import IntegratedGradients
 from robustattr.audit.sections.base import Rendered, Section, Table, device_of, eps_label, predict
-from robustattr.audit.sections.uncertainty import ci, comparison_table, describe, estimate
+from robustattr.audit.sections.uncertainty import ci, comparison_table, comparisons_of, describe, estimate
 from robustattr.errors import ConfigError
 from robustattr.metrics import PerSampleMean, top_hessian_eigenvalue
 from robustattr.metrics.intervals import auroc_interval, mean_interval, proportion_interval
@@ -72,7 +72,7 @@ class Curvature(Section):
         rows = [[name, key.replace("_", " "), estimate(r[key], "mean"), *[r[key][s] for s in ("p10", "median", "p90")]]
                 for name, r in results.items() for key in ("grad_norm", "hessian_top_eig")]  # fmt: skip
         out.tables.append(Table(header, rows))
-        comparisons = context.comparisons.get(self.name, [])
+        comparisons = comparisons_of(context, self.name)
         for c in comparisons:
             out.say(describe(c, f"{c['quantity'].replace('_', ' ')} (lower: smoother)"))
         if comparisons:

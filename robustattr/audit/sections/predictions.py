@@ -17,7 +17,14 @@ from robustattr.audit.sections.base import (
     stacked,
     sweep,
 )
-from robustattr.audit.sections.uncertainty import ci, comparison_table, describe, error_bars, values_list
+from robustattr.audit.sections.uncertainty import (
+    ci,
+    comparison_table,
+    comparisons_of,
+    describe,
+    error_bars,
+    values_list,
+)
 from robustattr.metrics import PerSampleMean, RobustAccuracy, TopKIntersection
 from robustattr.metrics import functional as M
 from robustattr.metrics.intervals import Estimate, mean_interval, proportion_interval
@@ -138,7 +145,7 @@ class RobustnessCurves(Section):
         rows = [[name, attack.upper(), *self._estimates(r, attack)] for name, r in results.items()
                 for attack in r["accuracy"]]  # fmt: skip
         out.tables.append(Table(header, rows, "accuracy under attack [Wilson 95% interval]"))
-        comparisons = context.comparisons.get(self.name, [])
+        comparisons = comparisons_of(context, self.name)
         for c in comparisons:
             if c["attack"] in ("none", "pgd"):
                 what = "clean accuracy" if c["attack"] == "none" else f"PGD accuracy at {c['epsilon']}"

@@ -123,6 +123,11 @@ def describe(c: dict[str, Any], what: str) -> str:
     )
 
 
+def comparisons_of(context: Any, section: str) -> list[dict[str, Any]]:
+    """The engine's paired comparisons of one section (none when rendered without a context or one checkpoint)."""
+    return [] if context is None else getattr(context, "comparisons", {}).get(section, [])
+
+
 def comparison_table(comparisons: list[dict[str, Any]], fields: Sequence[str], title: str) -> Table:
     """Comparisons as a table: the label fields, then the difference with its interval and the verdict."""
     rows = []

@@ -15,6 +15,7 @@ from robustattr.attributions import Attribution, IntegratedGradients, Saliency, 
 from robustattr.audit.sections.base import Rendered, Section, Table, device_of, eps_label, stacked, sweep
 from robustattr.audit.sections.uncertainty import (
     comparison_table,
+    comparisons_of,
     describe,
     error_bars,
     interval,
@@ -300,7 +301,7 @@ class WorstCaseFragility(Section):
                 "each member's mean (the ensemble keeps, per sample, the worst over them)",
             )
         )
-        comparisons = context.comparisons.get(self.name, [])
+        comparisons = comparisons_of(context, self.name)
         for c in comparisons:
             if c["metric"] == self.metric:
                 out.say(describe(c, f"{c['method']} {self.metric.replace('_', ' ')} at {c['epsilon']}"))
