@@ -175,3 +175,32 @@ def sweep(attack, epsilons: Sequence[float], n: int):
 
 def stacked(t: torch.Tensor, copies: int) -> torch.Tensor:
     return t.repeat(copies, *[1] * (t.dim() - 1))
+
+
+def method_panels(
+    methods: Sequence[str],
+    draw: Callable[[Any, str], None],
+    ylabel: str,
+    xlabel: str = "epsilon (x/255)",
+    ylim: tuple[float, float] | None = (-0.02, 1.02),
+    extra_width: float = 2.6,
+) -> Figure:
+    """One panel per method (three a row), ``draw(ax, method)`` filling each, one legend beside them all: the
+    layout of the per-method figures of the explanation sections."""
+    from robustattr.viz import grid, style
+
+    with style():
+        fig, axes = grid(len(methods), 3, 2.85, 2.7, extra_width=extra_width)
+        for ax, method in zip(axes, methods, strict=True):
+            draw(ax, method)
+            ax.set_title(method)
+            if ylim is not None:
+                ax.set_ylim(*ylim)
+            ax.set_xlabel(xlabel)
+        axes[0].set_ylabel(ylabel)
+        entries: dict[str, Any] = {}  # every panel's entries once (a noise floor is drawn on some panels only)
+        for ax in axes[: len(methods)]:
+            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                entries.setdefault(label, handle)
+        fig.legend(list(entries.values()), list(entries), loc="outside right upper")
+    return fig

@@ -37,6 +37,7 @@ from robustattr.audit.sections.base import (
     Table,
     device_of,
     eps_label,
+    method_panels,
     stacked,
     sweep,
 )
@@ -210,22 +211,17 @@ class ExplanationFragility(Section):
         out = Rendered()
         first = next(iter(results.values()))
         methods = list(first["methods"])
-        with style():
-            fig, axes = grid(len(methods), 3, 2.8, 2.7, extra_width=2.6)
-            for ax, method in zip(axes, methods, strict=True):
-                for k, (name, r) in enumerate(results.items()):
-                    eps = [e * 255 for e in r["epsilons"]]
-                    for j, (attack, v) in enumerate(r["methods"][method].items()):
-                        estimates = [estimate(row, "topk_intersection") for row in v["by_epsilon"]]
-                        means = [getattr(e, "mean", e) for e in estimates]
-                        ax.errorbar(eps, means, yerr=error_bars(estimates), fmt=STYLES[j % 4], marker=".", capsize=2,
-                                    color=f"C{k}", label=f"{name}: {attack}")  # fmt: skip
-                ax.set_title(method)
-                ax.set_ylim(-0.02, 1.02)
-                ax.set_xlabel("epsilon (x/255)")
-            axes[0].set_ylabel("top-k intersection")
-            handles, labels = axes[0].get_legend_handles_labels()
-            fig.legend(handles, labels, loc="outside right upper")
+
+        def draw(ax, method):
+            for k, (name, r) in enumerate(results.items()):
+                eps = [e * 255 for e in r["epsilons"]]
+                for j, (attack, v) in enumerate(r["methods"][method].items()):
+                    estimates = [estimate(row, "topk_intersection") for row in v["by_epsilon"]]
+                    means = [getattr(e, "mean", e) for e in estimates]
+                    ax.errorbar(eps, means, yerr=error_bars(estimates), fmt=STYLES[j % 4], marker=".", capsize=2,
+                                color=f"C{k}", label=f"{name}: {attack}")  # fmt: skip
+
+        fig = method_panels(methods, draw, "top-k intersection")
         out.figures.append(("fragility vs epsilon per method (top-k intersection; higher is more robust)", fig))
         header = ["model", "method", "attack", "epsilon", *MAP_METRICS, "label kept", "AUC cosine dist."]
         rows = [

@@ -12,7 +12,16 @@ import torch
 from robustattr.attacks import LinfBall, WorstCaseExplanationAttack, WorstCaseResult, raised, sanity_checks
 from robustattr.attacks.base import gradient_context, with_seed
 from robustattr.attributions import Attribution, IntegratedGradients, Saliency, SmoothGrad
-from robustattr.audit.sections.base import Rendered, Section, Table, device_of, eps_label, stacked, sweep
+from robustattr.audit.sections.base import (
+    Rendered,
+    Section,
+    Table,
+    device_of,
+    eps_label,
+    method_panels,
+    stacked,
+    sweep,
+)
 from robustattr.audit.sections.uncertainty import (
     comparison_table,
     comparisons_of,
@@ -25,7 +34,6 @@ from robustattr.errors import ConfigError
 from robustattr.metrics import MAP_METRICS
 from robustattr.metrics import functional as M
 from robustattr.metrics.intervals import Estimate, mean_interval
-from robustattr.viz import grid, style
 
 BUDGET_KEYS = {"steps", "restarts", "betas"}
 REPORTED = ("topk_intersection", "spearman")
@@ -201,49 +209,29 @@ class WorstCaseFragility(Section):
         out = Rendered()
         first = next(iter(results.values()))
         methods = list(first["worst_case"])
-        with style():
-            fig, axes = grid(len(methods), 3, 2.9, 2.7, extra_width=2.4)
-            for ax, method in zip(axes, methods, strict=True):
-                for k, (name, r) in enumerate(results.items()):
-                    eps = [e * 255 for e in r["epsilons"]]
-                    estimates = [Estimate.of(r["worst_case"][method][eps_label(e)][self.metric]) for e in r["epsilons"]]
-                    ax.errorbar(
-                        eps,
-                        [e.mean for e in estimates],
-                        yerr=error_bars(estimates),
-                        marker="o",
-                        capsize=3,
-                        color=f"C{k}",
-                        label=name,
-                    )
-                    floor = r["noise_floor"].get(method, {}).get(self.metric)
-                    if floor is not None:
-                        ax.axhline(floor["mean"], color=f"C{k}", ls=":", lw=1, label=f"{name}: noise floor")
-                ax.set_title(method)
-                ax.set_ylim(-0.02, 1.02)
-                ax.set_xlabel("epsilon (x/255)")
-            axes[0].set_ylabel(self.metric.replace("_", " "))
-            handles, labels = axes[0].get_legend_handles_labels()
-            fig.legend(handles, labels, loc="outside right upper")
+
+        def values(ax, method):
+            for k, (name, r) in enumerate(results.items()):
+                eps = [e * 255 for e in r["epsilons"]]
+                estimates = [Estimate.of(r["worst_case"][method][eps_label(e)][self.metric]) for e in r["epsilons"]]
+                ax.errorbar(eps, [e.mean for e in estimates], yerr=error_bars(estimates), marker="o", capsize=3,
+                            color=f"C{k}", label=name)  # fmt: skip
+                floor = r["noise_floor"].get(method, {}).get(self.metric)
+                if floor is not None:
+                    ax.axhline(floor["mean"], color=f"C{k}", ls=":", lw=1, label=f"{name}: noise floor")
+
+        fig = method_panels(methods, values, self.metric.replace("_", " "))
         out.figures.append((f"worst-case {self.metric.replace('_', ' ')} vs epsilon with 95% intervals", fig))
-        with style():
-            fig, axes = grid(len(methods), 3, 2.9, 2.7, extra_width=2.4)
-            for ax, method in zip(axes, methods, strict=True):
-                for k, (name, r) in enumerate(results.items()):
-                    for j, e in enumerate(r["epsilons"]):
-                        curve = r["worst_case"][method][eps_label(e)]["curve"]
-                        ax.plot(
-                            curve["steps"],
-                            curve["mean"],
-                            ["-", "--", ":", "-."][j % 4],
-                            color=f"C{k}",
-                            label=f"{name}, {eps_label(e)}",
-                        )
-                ax.set_title(method)
-                ax.set_xlabel("attack steps spent (all members)")
-            axes[0].set_ylabel(f"mean worst {self.metric.replace('_', ' ')} so far")
-            handles, labels = axes[0].get_legend_handles_labels()
-            fig.legend(handles, labels, loc="outside right upper")
+
+        def curves(ax, method):
+            for k, (name, r) in enumerate(results.items()):
+                for j, e in enumerate(r["epsilons"]):
+                    curve = r["worst_case"][method][eps_label(e)]["curve"]
+                    ax.plot(curve["steps"], curve["mean"], ["-", "--", ":", "-."][j % 4], color=f"C{k}",
+                            label=f"{name}, {eps_label(e)}")  # fmt: skip
+
+        fig = method_panels(methods, curves, f"mean worst {self.metric.replace('_', ' ')} so far",
+                            xlabel="attack steps spent (all members)", ylim=None)  # fmt: skip
         out.figures.append(("convergence: the ensemble's mean against its budget", fig))
         rows, member_rows = [], []
         for name, r in results.items():
