@@ -230,7 +230,7 @@ class WorstCaseFragility(Section):
                     ax.plot(curve["steps"], curve["mean"], ["-", "--", ":", "-."][j % 4], color=f"C{k}",
                             label=f"{name}, {eps_label(e)}")  # fmt: skip
 
-        fig = method_panels(methods, curves, f"mean worst {self.metric.replace('_', ' ')} so far",
+        fig = method_panels(methods, curves, "mean worst value so far",
                             xlabel="attack steps spent (all members)", ylim=None)  # fmt: skip
         out.figures.append(("convergence: the ensemble's mean against its budget", fig))
         rows, member_rows = [], []
@@ -279,7 +279,9 @@ class WorstCaseFragility(Section):
         if floors:
             out.say(
                 "Noise floor of stochastic methods: the same metrics between two clean explanations with "
-                "independent noise. Values under attack near the floor measure the method's noise, not damage."
+                "independent noise. Values under attack near the floor measure the method's noise, not damage. "
+                "Their convergence curves follow the draws the attack judged its iterates with; the reported values "
+                "re-measure the chosen iterate with a draw it never saw, so they lie above the curves' ends."
             )
             out.tables.append(Table(["model", "method", "top-k intersection", "spearman"], floors, "noise floor"))
         out.tables.append(
