@@ -10,9 +10,12 @@ import torch.multiprocessing as mp
 
 from robustattr.metrics import (
     LabelKeptRate,
+    LensRecall,
     SpearmanCorrelation,
     TopKIntersection,
     kendall_tau,
+    lens_recall,
+    lens_recall_div,
     map_collection,
     spearman,
     topk_intersection,
@@ -41,8 +44,11 @@ def _worker(rank: int, world: int, port: int, out: dict) -> None:
     collection = map_collection(k=4)  # one compute group: the shared state syncs for every member
     collection.update(a[shard], b[shard], kept[shard])
     values = collection.compute()
+    lens = LensRecall(k=4, per_sample=True)  # a locality-aware metric on its own, gathered per sample
+    lens.update(a[shard], b[shard], kept[shard])
     out[rank] = (topk.compute().item(), rho.compute().item(), rate.compute().item(), topk.per_sample().numel(),
-                 values["topk_intersection"].item(), values["kendall"].item())  # fmt: skip
+                 values["topk_intersection"].item(), values["kendall"].item(), lens.compute().item(),
+                 lens.by_sample().tolist(), values["lens_recall_div"].item())  # fmt: skip
     dist.destroy_process_group()
 
 
@@ -60,6 +66,10 @@ def test_two_processes_report_the_single_process_values():
         int(kept.sum()),
         topk_intersection(a, b, 4)[kept].mean().item(),
         kendall_tau(a, b)[kept].mean().item(),
+        lens_recall(a, b, 4)[kept].mean().item(),
     )
+    lens = torch.where(kept, lens_recall(a, b, 4), float("nan")).tolist()
     for rank in (0, 1):
-        assert out[rank] == pytest.approx(expected, abs=1e-6)
+        assert out[rank][:7] == pytest.approx(expected, abs=1e-6)
+        assert out[rank][7] == pytest.approx(lens, abs=1e-6, nan_ok=True)  # every sample, in process order
+        assert out[rank][8] == pytest.approx(lens_recall_div(a, b, 4)[kept].mean().item(), abs=1e-6)

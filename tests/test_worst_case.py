@@ -14,6 +14,7 @@ from robustattr.attacks import (
     LinfBall,
     MassCenterAttack,
     RandomSignAttack,
+    ThreatModel,
     TopKAttack,
     WorstCaseExplanationAttack,
     default_members,
@@ -252,7 +253,7 @@ def test_real_run_reports_its_checks(relu_net):
         (lambda: WorstCaseExplanationAttack(betas=[0.0]), "betas must be positive"),
         (lambda: WorstCaseExplanationAttack(members=[]), "non-empty list"),
         (lambda: WorstCaseExplanationAttack(members=[TopKAttack(), TopKAttack()]), "repeat"),
-        (lambda: WorstCaseExplanationAttack(threat=L2Ball(0.5)), "L-infinity"),
+        (lambda: WorstCaseExplanationAttack(threat=ThreatModel(0.5)), "L-infinity or an L2 ball"),
         (lambda: WorstCaseExplanationAttack(steps=0), "steps"),
         (lambda: TopKAttack(step_rule="adam"), "step_rule"),
         (lambda: RandomSignAttack(metric="nope"), "not a registered map metric"),
@@ -270,3 +271,15 @@ def test_members_and_budget_are_arguments_with_a_readable_repr():
     assert attack.budget(kinked=True) == 1 + 7 * 3 * 2
     text = repr(attack)
     assert "members=[random_sign, mass_center]" in text and "steps=7" in text and "restarts=3" in text
+
+
+def test_an_l2_ensemble_stays_in_its_ball_and_its_random_member_steps_onto_the_sphere():
+    net, x = Planted(), planted_data()
+    radius = 0.3
+    result = WorstCaseExplanationAttack(threat=L2Ball(radius), steps=8, restarts=1, seed=0).run(net, x)
+    assert ((result.x_adv - x).flatten(1).norm(dim=1) <= radius + 1e-5).all()
+    assert (result.values <= result.members["random_sign"] + 1e-6).all()  # never weaker than a member
+    mid = 0.4 + 0.2 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0))  # far from the box's faces
+    random = RandomSignAttack(threat=L2Ball(radius), seed=0).run(net, mid)
+    step = (random.x_adv - mid).flatten(1).norm(dim=1)
+    assert random.kept.any() and torch.allclose(step[random.kept], torch.full_like(step[random.kept], radius))

@@ -25,7 +25,7 @@ from torch import nn
 
 from robustattr.attacks.base import IterativeAttack, generator_for, gradient_context, prepare
 from robustattr.attacks.surrogate import BetaSchedule, require_second_order, softplus_surrogate
-from robustattr.attacks.threat import LinfBall
+from robustattr.attacks.threat import L2Ball, LinfBall
 from robustattr.attributions.gradient import Attribution, Saliency
 from robustattr.errors import ConfigError
 from robustattr.metrics.classes import MAP_METRICS
@@ -400,7 +400,7 @@ class ExplanationAttack(IterativeAttack, Generic[S]):
 
     Args:
         attribution: the attacked method (default Saliency); it must be differentiable (not a Captum adapter).
-        threat: the L-infinity ball (default 8/255).
+        threat: the L-infinity ball (default 8/255) or an L2 ball (`L2Ball`: normalised-gradient steps).
         steps: iterations per restart.
         step_size: default eps/8 (1/255 at 8/255, the RAR/ART setting); with ``step_rule="apgd"`` the adaptive
             step starts at 2 eps instead.
@@ -430,7 +430,7 @@ class ExplanationAttack(IterativeAttack, Generic[S]):
     def __init__(
         self,
         attribution: Attribution | None = None,
-        threat: LinfBall | None = None,
+        threat: LinfBall | L2Ball | None = None,
         steps: int = 100,
         step_size: float | None = None,
         restarts: int = 1,
@@ -444,8 +444,11 @@ class ExplanationAttack(IterativeAttack, Generic[S]):
         fresh_noise: bool = True,
     ) -> None:
         threat = threat if threat is not None else LinfBall(8 / 255)
-        if not isinstance(threat, LinfBall):
-            raise ConfigError(f"{type(self).__name__}: explanation attacks use an L-infinity ball (LinfBall)")
+        if not isinstance(threat, LinfBall | L2Ball):
+            raise ConfigError(
+                f"{type(self).__name__}: explanation attacks use an L-infinity or an L2 ball (LinfBall, L2Ball), "
+                f"got {type(threat).__name__}"
+            )
         super().__init__(threat, steps, step_size, restarts, random_start, seed)
         self.attribution = attribution if attribution is not None else Saliency()
         self.schedule = BetaSchedule(beta, beta_end) if beta is not None else None
@@ -720,7 +723,8 @@ class TargetMapAttack(ExplanationAttack[TargetMapState]):
 
 class RandomSignAttack(ExplanationAttack[AttackState]):
     """The baseline of the same budget: random-sign steps clipped to the ball (one step of size eps by default,
-    ``x + eps * sign(N(0, I))`` as in the paper; more steps give the code's random walk). No gradient, no
+    ``x + eps * sign(N(0, I))`` as in the paper; more steps give the code's random walk; in an L2 ball a step of
+    size eps along a uniformly random direction). No gradient, no
     selection: the last label-preserving iterate is kept. Damage score: ``1 - top-k intersection``, so it
     compares directly with `TopKAttack`."""
 
@@ -730,7 +734,7 @@ class RandomSignAttack(ExplanationAttack[AttackState]):
     def __init__(
         self,
         attribution: Attribution | None = None,
-        threat: LinfBall | None = None,
+        threat: LinfBall | L2Ball | None = None,
         steps: int = 1,
         step_size: float | None = None,
         k: int | None = None,
@@ -745,9 +749,10 @@ class RandomSignAttack(ExplanationAttack[AttackState]):
 
     def direction(self, iterate, state, generator):
         maps, search = state.clean.maps, iterate.search  # noise in the maps' dtype, drawn for the whole batch
-        return search.whole_batch(
+        noise = search.whole_batch(
             lambda: torch.randn(search.x_full.shape, generator=generator, device=maps.device, dtype=maps.dtype)
-        ).sign()
+        )
+        return self.threat.direction(noise)  # L-infinity: random signs; L2: a uniform direction on the sphere
 
     def score(self, maps, state):
         return 1 - topk_intersection(state.clean.maps, maps, state.clean.k)

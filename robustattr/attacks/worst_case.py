@@ -52,7 +52,7 @@ from robustattr.attacks.explanation import (
     metric_damage,
 )
 from robustattr.attacks.surrogate import BetaSchedule
-from robustattr.attacks.threat import LinfBall
+from robustattr.attacks.threat import L2Ball, LinfBall
 from robustattr.attributions.gradient import Attribution, Saliency
 from robustattr.errors import ConfigError
 from robustattr.metrics.classes import MAP_METRICS
@@ -186,7 +186,7 @@ class WorstCaseExplanationAttack(IterativeAttack):
 
     Args:
         attribution: the attacked method (default Saliency).
-        threat: the L-infinity ball (default 8/255).
+        threat: the L-infinity ball (default 8/255) or an L2 ball (`L2Ball`, e.g. beside an L2 certificate).
         metric: the registered map metric whose worst value is sought (`MAP_METRICS`), default top-k intersection.
         members: the attacks run (default `default_members`); each is judged by ``metric``. The members' own
             steps, restarts, surrogates and seeds are replaced by the ensemble's budget, except the steps of
@@ -209,7 +209,7 @@ class WorstCaseExplanationAttack(IterativeAttack):
     def __init__(
         self,
         attribution: Attribution | None = None,
-        threat: LinfBall | None = None,
+        threat: LinfBall | L2Ball | None = None,
         metric: str = "topk_intersection",
         members: list[ExplanationAttack] | None = None,
         steps: int = 100,
@@ -220,8 +220,11 @@ class WorstCaseExplanationAttack(IterativeAttack):
         tracked: list[str] | None = None,
     ) -> None:
         threat = threat if threat is not None else LinfBall(8 / 255)
-        if not isinstance(threat, LinfBall):
-            raise ConfigError("WorstCaseExplanationAttack: explanation attacks use an L-infinity ball (LinfBall)")
+        if not isinstance(threat, LinfBall | L2Ball):
+            raise ConfigError(
+                "WorstCaseExplanationAttack: explanation attacks use an L-infinity or an L2 ball (LinfBall, L2Ball), "
+                f"got {type(threat).__name__}"
+            )
         super().__init__(threat, steps, None, restarts, True, seed)
         check_metric("WorstCaseExplanationAttack", metric)
         self.attribution = attribution if attribution is not None else Saliency()

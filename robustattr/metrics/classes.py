@@ -172,10 +172,51 @@ class CosineDistance(_MapMetric, name="cosine_distance", higher_is_better=False,
     """One minus the cosine similarity of the clean and perturbed maps."""
 
 
+class _TopKFamily(_MapMetric, name="_topk_family", higher_is_better=True, worst=0.0):
+    """Base of the registered locality-aware top-k metrics (3x3 neighbourhood, `default_k` when k is None)."""
+
+    score_k: ClassVar[Callable[..., torch.Tensor]]
+
+    def __init_subclass__(cls, score_k: Callable[..., torch.Tensor] | None = None, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if score_k is not None:
+            cls.fn = staticmethod(lambda a, b, k: score_k(a, b, k or F.default_k(*a.shape[1:]), 3))
+
+
+class LensRecall(_TopKFamily, name="lens_recall", higher_is_better=True, worst=0.0, score_k=F.lens_recall):
+    """3-LENS-recall@k (Kamath et al. 2024): the perturbed map's top-k pixels within a 3x3 neighbourhood of the
+    clean map's top k."""
+
+
+class LensPrecision(_TopKFamily, name="lens_precision", higher_is_better=True, worst=0.0, score_k=F.lens_precision):
+    """3-LENS-precision@k: the clean map's top-k pixels within a 3x3 neighbourhood of the perturbed map's top k."""
+
+
+class TopKDivIntersection(_TopKFamily, name="topk_div", higher_is_better=True, worst=0.0,
+                          score_k=F.topk_div_intersection):  # fmt: skip
+    """Top-k-div intersection: the diversity-aware top k (no two pixels in one 3x3 neighbourhood) kept."""
+
+
+class LensRecallDiv(_TopKFamily, name="lens_recall_div", higher_is_better=True, worst=0.0,
+                    score_k=F.lens_recall_div):  # fmt: skip
+    """3-LENS-recall@k-div, the paper's headline metric: locality and diversity together."""
+
+
 # The one registry of the metrics comparing a clean map with a perturbed one: the names every callback logs
 # (``val/frag/<method>/<attack>_<eps>/<name>``) and every audit table and report.json key uses.
 MAP_METRICS: dict[str, type[_MapMetric]] = {
-    cls.name: cls for cls in (TopKIntersection, SpearmanCorrelation, KendallTau, CenterShift, CosineDistance)
+    cls.name: cls
+    for cls in (
+        TopKIntersection,
+        SpearmanCorrelation,
+        KendallTau,
+        CenterShift,
+        CosineDistance,
+        LensRecall,
+        LensPrecision,
+        TopKDivIntersection,
+        LensRecallDiv,
+    )
 }
 
 

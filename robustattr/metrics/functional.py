@@ -42,6 +42,91 @@ def topk_intersection(maps_a: torch.Tensor, maps_b: torch.Tensor, k: int) -> tor
     return _flat(both).sum(dim=1).to(maps_a.dtype) / k
 
 
+# Locality-aware metrics (Kamath, Mittal, Deshpande & Balasubramanian 2024, "Rethinking Robustness of Model
+# Attributions", AAAI; LENS): a top-k pixel that moves to a neighbouring pixel is a local shift, not a rewritten
+# explanation. The definitions follow the authors' code (ksandeshk/LENS, eval_with_lens_attribution_attack.py) on the
+# 2-D pixel grid: their flat-index window wraps across image rows and drops pixel 0, ours is a w x w square clipped at
+# the border.
+
+
+def _window(window: int) -> int:
+    if not (isinstance(window, int) and window >= 1 and window % 2 == 1):
+        raise ValueError(f"the LENS window must be a positive odd integer (3: a 3x3 neighbourhood), got {window!r}")
+    return window
+
+
+def dilate(mask: torch.Tensor, window: int = 3) -> torch.Tensor:
+    """(N, H, W) boolean mask grown to every pixel within the ``window`` x ``window`` square around a set pixel."""
+    window = _window(window)
+    if window == 1:
+        return mask.bool()
+    grown = torch.nn.functional.max_pool2d(mask.float().unsqueeze(1), window, stride=1, padding=window // 2)
+    return grown.squeeze(1) > 0
+
+
+def lens_recall(maps_a: torch.Tensor, maps_b: torch.Tensor, k: int, window: int = 3) -> torch.Tensor:
+    """w-LENS-recall@k: the share of b's top-k pixels within a ``window`` neighbourhood of a's top k (the authors'
+    ``|N_w(topk(a)) ∩ topk(b)| / k``). ``window=1`` is the top-k intersection."""
+    both = dilate(topk_mask(maps_a, k), window) & topk_mask(maps_b, k)
+    return _flat(both).sum(dim=1).to(maps_a.dtype) / k
+
+
+def lens_precision(maps_a: torch.Tensor, maps_b: torch.Tensor, k: int, window: int = 3) -> torch.Tensor:
+    """w-LENS-precision@k: the share of a's top-k pixels within a ``window`` neighbourhood of b's top k."""
+    both = topk_mask(maps_a, k) & dilate(topk_mask(maps_b, k), window)
+    return _flat(both).sum(dim=1).to(maps_a.dtype) / k
+
+
+def diverse_topk_mask(maps: torch.Tensor, k: int, window: int = 3) -> torch.Tensor:
+    """Top-k-div: greedily the largest pixel not within a ``window`` neighbourhood of one already taken, k times (or
+    until none is left), so the set spreads over the image's parts instead of one blob. Batched over samples: k
+    steps of an argmax, whatever the image size."""
+    window = _window(window)
+    n, h, w = maps.shape
+    flat = _flat(maps).float()
+    if not 0 < k <= flat.shape[1]:
+        raise ValueError(f"k must be in [1, {flat.shape[1]}], got {k}")
+    free = torch.ones_like(flat, dtype=torch.bool)
+    chosen = torch.zeros_like(free)
+    rows = torch.arange(n, device=maps.device)
+    half = window // 2
+    shifts = [(dr, dc) for dr in range(-half, half + 1) for dc in range(-half, half + 1)]
+    for _ in range(k):
+        index = flat.masked_fill(~free, -torch.inf).argmax(dim=1)
+        live = free[rows, index]
+        if not live.any():
+            break
+        chosen[rows[live], index[live]] = True
+        r, c = index // w, index % w
+        for dr, dc in shifts:
+            rr, cc = r + dr, c + dc
+            inside = live & (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+            free[rows[inside], (rr * w + cc)[inside]] = False
+    return chosen.reshape(maps.shape)
+
+
+def _div_share(set_a: torch.Tensor, set_b: torch.Tensor, size: torch.Tensor, dtype) -> torch.Tensor:
+    return _flat(set_a & set_b).sum(dim=1).to(dtype) / size.clamp_min(1).to(dtype)
+
+
+def topk_div_intersection(maps_a: torch.Tensor, maps_b: torch.Tensor, k: int, window: int = 3) -> torch.Tensor:
+    """``|div(a) ∩ div(b)| / |div(a)|`` of the two maps' top-k-div sets (`diverse_topk_mask`)."""
+    a, b = diverse_topk_mask(maps_a, k, window), diverse_topk_mask(maps_b, k, window)
+    return _div_share(a, b, _flat(a).sum(dim=1), maps_a.dtype)
+
+
+def lens_recall_div(maps_a: torch.Tensor, maps_b: torch.Tensor, k: int, window: int = 3) -> torch.Tensor:
+    """w-LENS-recall@k-div: the share of b's top-k-div pixels within a neighbourhood of a's top-k-div set."""
+    a, b = diverse_topk_mask(maps_a, k, window), diverse_topk_mask(maps_b, k, window)
+    return _div_share(dilate(a, window), b, _flat(a).sum(dim=1), maps_a.dtype)
+
+
+def lens_precision_div(maps_a: torch.Tensor, maps_b: torch.Tensor, k: int, window: int = 3) -> torch.Tensor:
+    """w-LENS-precision@k-div: the share of a's top-k-div pixels within a neighbourhood of b's top-k-div set."""
+    a, b = diverse_topk_mask(maps_a, k, window), diverse_topk_mask(maps_b, k, window)
+    return _div_share(a, dilate(b, window), _flat(b).sum(dim=1), maps_a.dtype)
+
+
 def _average_ranks(values: torch.Tensor) -> torch.Tensor:
     """Per row, the rank of each entry (1-based) with ties given their average rank, as scipy.stats.rankdata."""
     n = values.shape[1]
