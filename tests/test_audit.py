@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from robustattr.attacks import TopKAttack
 from robustattr.attributions import Saliency, SmoothGrad
 from robustattr.audit import (
+    CertifiedAttributions,
     ExplainingAway,
     ExplanationFragility,
     Transferability,
@@ -79,6 +80,9 @@ TINY_AUDIT = {
          "init_args": {"epsilons": [0.0313725], "steps": 2, "restarts": 1, "betas": [30.0], "num_samples": 12,
                        "methods": [{"class_path": "robustattr.attributions.Saliency"}],
                        "budgets": {"saliency": {"steps": 3}}}},
+        {"class_path": "robustattr.audit.CertifiedAttributions",
+         "init_args": {"n": 64, "radii": [0.0, 0.25], "attack_radii": [0.25], "steps": 2, "surrogate_samples": 2,
+                       "eval_draws": 16, "num_samples": 8}},
     ],
 }  # fmt: skip
 
@@ -130,7 +134,7 @@ def test_every_section_reports_json_and_html_and_a_rerun_is_cached(checkpoints, 
     results = report["results"]
     assert set(results) == {
         "robustness", "fragility", "attribution_transfer", "smoothing", "curvature", "explaining_away",
-        "transferability", "semantic_directions", "worst_case_fragility",
+        "transferability", "semantic_directions", "worst_case_fragility", "certified_attributions",
     }  # fmt: skip
     names = [c["name"] for c in report["checkpoints"]]
     assert len(set(names)) == 2 and all(len(c["sha256"]) == 64 for c in report["checkpoints"])
@@ -138,7 +142,7 @@ def test_every_section_reports_json_and_html_and_a_rerun_is_cached(checkpoints, 
         assert 0.8 < results["robustness"][name]["clean_accuracy"] <= 1
         assert set(results["fragility"][name]["methods"]) == {"saliency", "ig", "deeplift"}
     for section, per_model in results.items():  # every mean with its interval
-        if section not in ("worst_case_fragility",):
+        if section not in ("worst_case_fragility", "certified_attributions"):
             assert bracketed_intervals(per_model), f"{section} reports no interval"
     checked = bracketed_intervals(results["robustness"])
     assert {"clean_accuracy", "accuracy.pgd", "accuracy.fgsm", "lbfgs.success_rate"} <= set(checked)
@@ -207,6 +211,33 @@ def test_worst_case_section_gives_intervals_flags_noise_floor_and_paired_compari
         assert c["resolved"] == (c["ci_low"] > 0 or c["ci_high"] < 0)
     page = (tmp_path / "report.html").read_text()
     assert "do not differ" in page and "95%" in page and page.count("src='data:image/png;base64,") >= 2
+
+
+def test_certified_section_reports_both_certificates_beside_the_l2_attack_with_intervals(checkpoints, tmp_path):
+    section = CertifiedAttributions(
+        sigma=0.25, n=512, radii=[0.0, 0.05, 0.1, 0.25], attack_radii=[0.1, 0.25], steps=4, surrogate_samples=4,
+        eval_draws=256, num_samples=24,
+    )  # fmt: skip
+    paths = [f"base={checkpoints['baseline']}", f"again={checkpoints['baseline']}"]
+    report = run_audit(paths, [section], out=str(tmp_path), num_samples=24)
+    results = report["results"]["certified_attributions"]
+    entry = results["base"]["certified"]["saliency"]
+    assert entry["radius"] == [0.0, 0.05, 0.1, 0.25]
+    for key in ("certified_topk_fraction", "certified_pixel_fraction", "certified_top_fraction"):
+        means = [e["mean"] for e in entry[key]]
+        assert all(e["ci_low"] <= e["mean"] <= e["ci_high"] and e["n"] == 24 for e in entry[key]), key
+        assert means == sorted(means, reverse=True), key  # a larger radius certifies no more
+    assert entry["certified_topk_fraction"][0]["mean"] > 0.3  # not vacuous at radius 0
+    assert entry["empirical_topk"][0] is None and entry["empirical_topk"][1] is None
+    for i in (2, 3):  # the lower bound lies below the upper bound the attack found
+        assert entry["certified_topk_fraction"][i]["mean"] <= entry["empirical_topk"][i]["mean"]
+    assert 0 < entry["noise_floor"]["mean"] <= 1 and entry["max_radius"]["levine"] > 0.25
+    assert len(entry["per_sample"]["0.25"]["empirical_topk"]) == 24
+    assert timings_aside(results["again"]) == timings_aside(results["base"])  # same seed, same numbers
+    comparisons = report["comparisons"]["certified_attributions"]
+    assert comparisons and all(not c["resolved"] and c["difference"] == 0 for c in comparisons)
+    page = (tmp_path / "report.html").read_text()
+    assert "Levine" in page and "Anani" in page and "L2 radius" in page
 
 
 def test_detection_auroc_is_higher_for_random_than_for_runner_up_targets(checkpoints, tmp_path):

@@ -52,3 +52,17 @@ def test_worst_case_attack_benchmark_runs_at_tiny_sizes(tmp_path):
     assert all(d == 1.0 for d in saved["dominance"].values())
     assert all(set(m) == {"random_sign", "topk", "mass_center", "targeted"} for m in saved["member_topk"].values())
     assert all(c > 0 for c in saved["cost_over_default"].values())
+
+
+@pytest.mark.slow
+def test_certify_cost_benchmark_runs_at_tiny_sizes(tmp_path):
+    import certify_cost as bench
+
+    out = tmp_path / "certify_cost.json"
+    argv = ["--n", "32", "--resnet-n", "4", "--images", "2", "--resnet-images", "1", "--repeats", "1"]
+    report = bench.main([*argv, "--device", "cpu", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    for key in ("certify_over_smoothgrad", "certify_seconds_per_image", "smoothgrad_seconds_per_image"):
+        assert set(saved[key]) == {"quickstart_cnn", "resnet18_32px"} and saved[key] == report[key]
+        assert all(v > 0 for v in saved[key].values())
+    assert saved["draws"] == {"quickstart_cnn": 32, "resnet18_32px": 4}

@@ -5,6 +5,7 @@ from robustattr.audit.loading import AuditedModel, build_net, load_model
 from robustattr.audit.sections import (
     AttributionTransfer,
     AuditData,
+    CertifiedAttributions,
     Curvature,
     ExplainingAway,
     ExplanationFragility,
@@ -21,6 +22,7 @@ __all__ = [
     "AttributionTransfer",
     "AuditData",
     "AuditedModel",
+    "CertifiedAttributions",
     "Curvature",
     "ExplainingAway",
     "ExplanationFragility",

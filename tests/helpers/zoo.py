@@ -60,4 +60,14 @@ def every_audit_section(num_samples: int, epsilons: list[float]) -> list:
             budgets={},
             num_samples=max(half, 2),
         ),
+        S.CertifiedAttributions(
+            sigma=0.25,
+            n=32,
+            radii=[0.0, 0.1, 0.25],
+            attack_radii=[0.25],
+            steps=2,
+            surrogate_samples=2,
+            eval_draws=8,
+            num_samples=max(half, 2),
+        ),
     ]

@@ -1,6 +1,7 @@
 """Audit sections: each runs on the audit's fixed, seeded subset, returns JSON-able results, and renders them."""
 
 from robustattr.audit.sections.base import AuditData, RenderContext, Rendered, Section, Table
+from robustattr.audit.sections.certified import CertifiedAttributions
 from robustattr.audit.sections.explanations import AttributionTransfer, ExplanationFragility, SmoothingWithoutRetraining
 from robustattr.audit.sections.geometry import Curvature, ExplainingAway, SemanticDirections
 from robustattr.audit.sections.influence import InfluenceAudit
@@ -10,6 +11,7 @@ from robustattr.audit.sections.worst_case import WorstCaseFragility
 __all__ = [
     "AttributionTransfer",
     "AuditData",
+    "CertifiedAttributions",
     "Curvature",
     "ExplainingAway",
     "ExplanationFragility",
