@@ -40,7 +40,8 @@ def _validate(module, tmp_path, devices):
 def test_two_processes_equal_one(module, tmp_path):
     single = _validate(module, tmp_path / "one", 1)
     double = _validate(module, tmp_path / "two", 2)
-    assert set(single) == set(double) and len(single) == 19
+    assert set(single) == set(double) and len(single) == 27  # 9 map metrics (4 of them LENS) per fragility setting
     assert single["val/adv/clean_acc"] > 0.7 and single["val/adv/pgd_linf25.5/success"] > 0
+    assert sum("lens_" in name or "topk_div" in name for name in single) == 8
     for name, value in single.items():
         assert double[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name

@@ -236,9 +236,9 @@ def test_audit_configs_parse_and_build_every_section(config_path):
     parser.add_argument("--checkpoint", nargs="+", required=True)
     parser.add_function_arguments(run_audit, skip={"checkpoints", "config"})
     init = parser.instantiate_classes(parser.parse_args(["--config", str(config_path), "--checkpoint", "x.ckpt"]))
-    expected = 10 if config_path.name == "audit.yaml" else 9  # the influence audit: on the digits-sized config
+    expected = 11 if config_path.name == "audit.yaml" else 10  # the influence audit: on the digits-sized config
     assert len(init.sections) == expected and all(isinstance(s, Section) for s in init.sections)
-    assert "worst_case_fragility" in {s.name for s in init.sections}
+    assert {"worst_case_fragility", "certified_attributions"} <= {s.name for s in init.sections}
 
 
 def test_every_package_directory_is_listed_in_pyproject():
