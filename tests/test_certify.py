@@ -201,3 +201,13 @@ def test_bad_settings_are_refused_with_their_reason(kwargs, match):
     settings = {"sigma": 0.25, "n": 100, **kwargs}
     with pytest.raises(ConfigError, match=match):
         certify(Linear(), torch.rand(1, 1, 8, 8), Saliency(), **settings)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU on this machine")
+def test_certify_runs_on_a_gpu_with_the_same_known_answer():
+    model = Linear().cuda()
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    c = certify(model, x, Saliency(), sigma=0.5, n=512, k=8)
+    assert c.smoothed.device.type == "cpu" and set(c.smoothed.unique().tolist()) == {0.0, 1.0}
+    assert c.certified_topk_fraction(0.99 * c.max_radius["levine"]).tolist() == [1.0] * 4
