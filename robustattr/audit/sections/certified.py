@@ -17,7 +17,7 @@ from robustattr.audit.sections.uncertainty import comparison_table, comparisons_
 from robustattr.certify import CertifiedMap, NoiseSmoothed, certify
 from robustattr.errors import ConfigError
 from robustattr.metrics import functional as M
-from robustattr.metrics.intervals import Estimate, mean_interval
+from robustattr.metrics.intervals import Estimate, mean_interval, proportion_interval
 
 CERTIFIED = ("certified_topk_fraction", "certified_pixel_fraction", "certified_top_fraction")
 
@@ -117,11 +117,9 @@ class CertifiedAttributions(Section):
         for method in self.methods:
             name = method.short_name
             started = time.perf_counter()
-            certs, chunk_sizes = [], []
+            certs: list[CertifiedMap] = []
             for _, x, _ in data.batches(self.num_samples):
-                start = sum(chunk_sizes)
-                certs.append(self._certify(model, method, x, data.seed, start))
-                chunk_sizes.append(len(x))
+                certs.append(self._certify(model, method, x, data.seed, sum(len(c.target) for c in certs)))
                 progress(1)
             cert = CertifiedMap.concatenate(certs)
             certified_s = time.perf_counter() - started
@@ -168,7 +166,7 @@ class CertifiedAttributions(Section):
             mean_interval(attacked[r], seed).as_dict() if r in attacked else None for r in self.radii
         ]
         entry["empirical_label_kept"] = {
-            _radius_label(r): mean_interval(torch.cat(k), seed).as_dict()
+            _radius_label(r): proportion_interval(torch.cat(k)).as_dict()
             for r, k in zip(self.attack_radii, kept, strict=True)
         }
         entry["noise_floor"] = mean_interval(floor, seed).as_dict()
