@@ -53,6 +53,7 @@ from robustattr.attacks.base import gradient_context
 from robustattr.attributions import Attribution
 from robustattr.errors import ConfigError
 from robustattr.metrics import functional as M
+from robustattr.rng import Seed, generator_for, is_per_sample, normal
 
 __all__ = ["CertifiedMap", "NoiseSmoothed", "certify", "hoeffding_error", "required_samples"]
 
@@ -199,17 +200,18 @@ class NoiseSmoothed(Attribution):
 
     stochastic = True
 
-    def __init__(self, attribution: Attribution, sigma: float, samples: int = 16, seed: int = 0) -> None:
+    def __init__(self, attribution: Attribution, sigma: float, samples: int = 16, seed: Seed = 0) -> None:
         super().__init__(attribution.output)
         _check(sigma, 2, 0.5)
         if samples < 1:
             raise ConfigError(f"NoiseSmoothed: samples must be positive, got {samples}")
-        self.attribution, self.sigma, self.samples, self.seed = attribution, float(sigma), int(samples), int(seed)
+        self.attribution, self.sigma, self.samples = attribution, float(sigma), int(samples)
+        self.seed = tuple(int(v) for v in seed) if is_per_sample(seed) else int(seed)
         self.short_name = f"smoothed_{attribution.short_name}"
 
     def attribute(self, model, x, target, create_graph):
-        generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        noise = self.sigma * torch.randn((self.samples, *x.shape), generator=generator, device=x.device)
+        generator = generator_for(x.device, self.seed)  # one seed, or one per row (`robustattr.rng`)
+        noise = self.sigma * normal((self.samples, *x.shape), generator, x.device, dim=1)
         z = (x.unsqueeze(0) + noise).reshape(-1, *x.shape[1:])
         a = self.attribution(model, z, target.repeat(self.samples), create_graph=create_graph)
         return a.reshape(self.samples, *x.shape).mean(dim=0)

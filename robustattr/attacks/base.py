@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from robustattr.errors import ConfigError, keep_counts
+from robustattr.rng import Generator, Seed, integers
+from robustattr.rng import generator_for as generator_for  # re-exported: the attacks import it from here
 
 TargetMode = Literal["none", "random", "least_likely", "runner_up"]
 
@@ -60,7 +62,7 @@ def prepare(model: nn.Module, *tensors: torch.Tensor | None) -> list[torch.Tenso
 
 
 def choose_target(
-    mode: TargetMode, logits: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None
+    mode: TargetMode, logits: torch.Tensor, y: torch.Tensor, generator: Generator = None
 ) -> torch.Tensor | None:
     """Target classes for a targeted attack: a random class other than ``y``, the least-likely class, or the
     runner-up (the most likely class other than ``y``: a semantically near target)."""
@@ -68,7 +70,7 @@ def choose_target(
         return None
     num_classes = logits.shape[1]
     if mode == "random":
-        shift = torch.randint(1, num_classes, y.shape, generator=generator, device=y.device)
+        shift = integers(1, num_classes, y.shape, generator, y.device)
         return (y + shift) % num_classes
     if mode == "least_likely":
         return logits.argmin(dim=1)
@@ -77,17 +79,12 @@ def choose_target(
     raise ValueError(f"unknown target mode {mode!r}")
 
 
-def with_seed(attack, seed: int | None):
-    """A shallow copy of ``attack`` with another seed (attacks are stateless between calls)."""
+def with_seed(attack, seed: Seed):
+    """A shallow copy of ``attack`` with another seed (attacks are stateless between calls): an int for the whole
+    batch, or one per row (`robustattr.rng`: each sample's random numbers then depend on its seed only)."""
     other = copy.copy(attack)
     other.seed = seed
     return other
-
-
-def generator_for(device: torch.device, seed: int | None) -> torch.Generator | None:
-    """A private generator seeded with ``seed`` (the same numbers on every call), or None for the global RNG
-    (fresh numbers on every call, reproducible under ``seed_everything``: what training objectives want)."""
-    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
 
 
 class IterativeAttack:
@@ -103,7 +100,7 @@ class IterativeAttack:
         step_size: float | None,
         restarts: int,
         random_start: bool,
-        seed: int | None,
+        seed: Seed,
     ) -> None:
         keep_counts(self, steps=steps, restarts=restarts)
         if step_size is not None and step_size <= 0:

@@ -38,6 +38,7 @@ from robustattr.metrics.functional import (
     topk_mask,
 )
 from robustattr.models.activations import needs_smooth_surrogate, set_beta
+from robustattr.rng import SampleGenerator, Seed, integers, is_per_sample, normal, offset, select
 
 S = TypeVar("S", bound="AttackState")
 StepRule = Literal["fixed", "apgd"]
@@ -261,9 +262,22 @@ class Search:
         self.full_threat = full_threat
         self.x = x_full if rows is None else x_full[rows]
         self.attribution = attack.attribution
+        # One seed per row (`robustattr.rng`): each attacked row draws from its own generator, and a
+        # noise-based attribution's noise is the sample's own (`Attribution.for_samples`), the same as a direct
+        # call with these seeds gives.
+        self.per_sample = isinstance(generator, SampleGenerator)
+        if self.per_sample:
+            if rows is not None:
+                self.generator = generator.rows(rows)
+            if self.attribution.stochastic and is_per_sample(getattr(self.attribution, "seed", None)):
+                self.attribution = self.attribution.reseeded(select(self.attribution.seed, rows))  # given per row
+            else:
+                self.attribution = self.attribution.for_samples(select(attack.seed, rows))
         self.stochastic = attack.fresh_noise and self.attribution.stochastic
         # Judged with a draw of the noise that no step ascends; reported with the method's own draw (`evaluated`).
-        self.judging = self.attribution.reseeded(self.attribution.seed + 1) if self.stochastic else self.attribution
+        self.judging = (
+            self.attribution.reseeded(offset(self.attribution.seed, 1)) if self.stochastic else self.attribution
+        )
         self.checked = False
         self.diagnostics = AttackDiagnostics.empty(x_full.device)
         self._surrogate: nn.Module | None = None
@@ -271,17 +285,27 @@ class Search:
         with torch.no_grad():
             self.target = model(self.x).argmax(dim=1)
 
-    def whole_batch(self, draw: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """A random tensor drawn for the whole batch, restricted to the attacked rows."""
-        value = draw()
+    def whole_batch(self, draw: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """A random tensor drawn by ``draw(like)`` for the whole batch (``like``: its inputs), restricted to the
+        attacked rows; with per-row generators, drawn for the attacked rows only (the same numbers)."""
+        if self.per_sample:
+            return draw(self.x)
+        value = draw(self.x_full)
         return value if self.rows is None else value[self.rows]
 
     def random_start(self) -> torch.Tensor:
-        return self.whole_batch(lambda: self.full_threat.random_start(self.x_full, self.generator))
+        if self.per_sample:
+            return self.attack.threat.random_start(self.x, self.generator)
+        return self.whole_batch(lambda like: self.full_threat.random_start(like, self.generator))
 
     def new_restart(self) -> None:
-        """Fresh noise seeds for the steps of the next restart (stochastic attributions only)."""
+        """Fresh noise seeds for the steps of the next restart (stochastic attributions only; one per row with
+        per-row generators)."""
         if self.stochastic:
+            if self.per_sample:
+                seeds = integers(0, 2**62, (len(self.x), self.attack.steps), self.generator, "cpu")
+                self._step_seeds = [tuple(column) for column in seeds.t().tolist()]
+                return
             device = self.generator.device if self.generator is not None else torch.device("cpu")
             seeds = torch.randint(0, 2**62, (self.attack.steps,), generator=self.generator, device=device)
             self._step_seeds = seeds.tolist()
@@ -412,7 +436,8 @@ class ExplanationAttack(IterativeAttack, Generic[S]):
         beta_end: anneal beta geometrically from ``beta`` to ``beta_end`` over the steps.
         k: top-k size for the metric (default: 100 for 32x32, 1000 for 224x224, 1/8 of smaller images).
         seed: seed of random starts and random directions; None (the default) draws from the global RNG, fresh on
-            every call (callbacks and the audit inject a seed per chunk, so they are reproducible).
+            every call; an int gives the batch one private stream (the callbacks inject one per chunk); one int per
+            row gives each sample its own (the audit seeds samples by index, `robustattr.rng`).
         metric: judge iterates by this registered map metric (`MAP_METRICS`: the kept iterate is the eligible one
             with its worst value) instead of the attack's own score.
         step_rule: ``"fixed"`` (steps of ``step_size``) or ``"apgd"`` (Croce & Hein's adaptive step: momentum,
@@ -438,7 +463,7 @@ class ExplanationAttack(IterativeAttack, Generic[S]):
         beta: float | None = 10.0,
         beta_end: float | None = None,
         k: int | None = None,
-        seed: int | None = None,
+        seed: Seed = None,
         metric: str | None = None,
         step_rule: StepRule = "fixed",
         fresh_noise: bool = True,
@@ -738,7 +763,7 @@ class RandomSignAttack(ExplanationAttack[AttackState]):
         steps: int = 1,
         step_size: float | None = None,
         k: int | None = None,
-        seed: int | None = None,
+        seed: Seed = None,
         metric: str | None = None,
     ) -> None:
         super().__init__(attribution, threat, steps, step_size, 1, False, None, None, k, seed, metric)
@@ -749,9 +774,7 @@ class RandomSignAttack(ExplanationAttack[AttackState]):
 
     def direction(self, iterate, state, generator):
         maps, search = state.clean.maps, iterate.search  # noise in the maps' dtype, drawn for the whole batch
-        noise = search.whole_batch(
-            lambda: torch.randn(search.x_full.shape, generator=generator, device=maps.device, dtype=maps.dtype)
-        )
+        noise = search.whole_batch(lambda like: normal(like.shape, generator, maps.device, maps.dtype))
         return self.threat.direction(noise)  # L-infinity: random signs; L2: a uniform direction on the sphere
 
     def score(self, maps, state):

@@ -12,6 +12,7 @@ import math
 import torch
 
 from robustattr.errors import ConfigError
+from robustattr.rng import Generator, normal, uniform
 
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -69,7 +70,7 @@ class ThreatModel:
     def norm(self, delta: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def random_start(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def random_start(self, x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
         raise NotImplementedError
 
     def direction(self, grad: torch.Tensor) -> torch.Tensor:
@@ -105,8 +106,8 @@ class LinfBall(ThreatModel):
     def norm(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.reshape(delta.shape[0], -1).abs().amax(dim=1)
 
-    def random_start(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    def random_start(self, x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
+        noise = uniform(x.shape, generator, x.device, x.dtype)
         return (x + (2 * noise - 1) * self.radius(x)).clamp(0, 1)
 
     def direction(self, grad: torch.Tensor) -> torch.Tensor:
@@ -127,12 +128,12 @@ class L2Ball(ThreatModel):
     def norm(self, delta: torch.Tensor) -> torch.Tensor:
         return delta.reshape(delta.shape[0], -1).norm(dim=1)
 
-    def random_start(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def random_start(self, x: torch.Tensor, generator: Generator = None) -> torch.Tensor:
         # Uniform in the ball: a Gaussian direction scaled to radius eps * u^(1/d).
         d = x[0].numel()
-        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        direction = normal(x.shape, generator, x.device, x.dtype)
         direction = direction / _per_sample(self.norm(direction), x).clamp_min(1e-12)
-        u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
+        u = uniform((x.shape[0],), generator, x.device, x.dtype)
         eps = self.eps if isinstance(self.eps, float) else self.eps.to(x)
         return (x + direction * _per_sample(eps * u ** (1.0 / d), x)).clamp(0, 1)
 

@@ -58,6 +58,7 @@ from robustattr.errors import ConfigError
 from robustattr.metrics.classes import MAP_METRICS
 from robustattr.metrics.intervals import paired_difference
 from robustattr.models.activations import needs_smooth_surrogate
+from robustattr.rng import Seed, is_per_sample
 
 
 def worst_possible_damage(metric: str) -> float | None:
@@ -177,6 +178,13 @@ class WorstCaseResult(ExplanationAttackResult):
         return bool(all(math.isfinite(g) for g in gains) and max(gains) <= tolerance)
 
 
+def member_seed(seed: Seed, *salt: int) -> Seed:
+    """The seed of a member run (an int: numpy's SeedSequence of (seed, *salt); per row, the same row by row)."""
+    if is_per_sample(seed):
+        return tuple(member_seed(s, *salt) for s in seed)
+    return None if seed is None else int(np.random.SeedSequence([seed, *salt]).generate_state(1)[0])
+
+
 class WorstCaseExplanationAttack(IterativeAttack):
     """Per sample, the worst value of ``metric`` that any member finds: see the module docstring.
 
@@ -274,7 +282,7 @@ class WorstCaseExplanationAttack(IterativeAttack):
     def _configure(self, member: ExplanationAttack, beta: float | None, round_: int, index: int) -> ExplanationAttack:
         m = copy.copy(member)
         m.attribution, m.threat, m.k, m.metric, m.tracked = (
-            self.attribution,
+            self.attribution.for_samples(self.seed),  # per-row seeds: every member draws each sample's own noise
             self.threat,
             self.k,
             self.metric,
@@ -284,11 +292,9 @@ class WorstCaseExplanationAttack(IterativeAttack):
             m.steps, m.restarts = self.steps, 1
             m.random_start = member.random_start or round_ > 0
             m.schedule = BetaSchedule(beta) if beta is not None else None
-        m.seed = (
-            None if self.seed is None else int(np.random.SeedSequence([self.seed, index, round_]).generate_state(1)[0])
-        )
+        m.seed = member_seed(self.seed, index, round_)
         if beta is not None and m.seed is not None:
-            m.seed = int(np.random.SeedSequence([m.seed, int(beta * 1000)]).generate_state(1)[0])
+            m.seed = member_seed(m.seed, int(beta * 1000))
         return m
 
     def budget(self, kinked: bool) -> int:
@@ -358,19 +364,18 @@ class WorstCaseExplanationAttack(IterativeAttack):
             values = damage_to_metric(self.metric, best)
             tracked_values = {m: damage_to_metric(m, v) for m, (v, _) in tracked.items()}
             if stochastic:  # measured with the method's own draw: no step and no selection used it
-                maps_clean = measured_maps(self.attribution, model, x, target)
-                best_maps = measured_maps(self.attribution, model, best_x, target)
+                own = self.attribution.for_samples(self.seed)
+                maps_clean = measured_maps(own, model, x, target)
+                best_maps = measured_maps(own, model, best_x, target)
                 values = MAP_METRICS[self.metric].fn(maps_clean, best_maps, clean.k).float()
                 for name, x_member in members_x.items():  # every member measured with the same unseen draw
                     measured = metric_damage(
-                        self.metric, maps_clean, measured_maps(self.attribution, model, x_member, target), clean.k
+                        self.metric, maps_clean, measured_maps(own, model, x_member, target), clean.k
                     )
                     members[name] = torch.where(torch.isfinite(members[name]), measured, members[name])
                 for m, (_, x_worst) in tracked.items():
                     tracked_values[m] = (
-                        MAP_METRICS[m]
-                        .fn(maps_clean, measured_maps(self.attribution, model, x_worst, target), clean.k)
-                        .float()
+                        MAP_METRICS[m].fn(maps_clean, measured_maps(own, model, x_worst, target), clean.k).float()
                     )
             else:
                 maps_clean = clean.maps

@@ -16,6 +16,7 @@ from torch import nn
 
 from robustattr.attributions.gradient import Attribution, _grad_enabled
 from robustattr.errors import ConfigError
+from robustattr.rng import is_per_sample
 
 
 class CaptumAttribution(Attribution):
@@ -81,13 +82,20 @@ class GradientShap(CaptumAttribution):
         return {"baselines": baselines, "n_samples": self.samples, "stdevs": self.stdevs}
 
     def __call__(self, model, x, target, create_graph=False):
+        if is_per_sample(self.seed):  # Captum draws from the global RNGs: one call per row, each with its seed
+            rows = [self._seeded(seed, model, x[i : i + 1], target[i : i + 1], create_graph)
+                    for i, seed in enumerate(self.seed)]  # fmt: skip
+            return torch.cat(rows)
+        return self._seeded(self.seed, model, x, target, create_graph)
+
+    def _seeded(self, seed: int, model, x, target, create_graph):
         # Captum samples from the global torch and numpy RNGs: seed both privately, restore them after.
         devices = [x.device] if x.device.type == "cuda" else []
         numpy_state = np.random.get_state()  # noqa: NPY002 - Captum uses the legacy global RNG
         try:
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.seed)
-                np.random.seed(self.seed)  # noqa: NPY002
+                torch.manual_seed(seed)
+                np.random.seed(seed % 2**32)  # noqa: NPY002
                 return super().__call__(model, x, target, create_graph)
         finally:
             np.random.set_state(numpy_state)  # noqa: NPY002

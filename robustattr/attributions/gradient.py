@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from robustattr.errors import ConfigError
+from robustattr.rng import Seed, generator_for, is_per_sample, mix, normal, uniform
 
 Output = Literal["logit", "softmax"]
 
@@ -46,13 +47,24 @@ class Attribution:
     def __init__(self, output: Output = "logit") -> None:
         self.output = output
 
-    def reseeded(self, seed: int) -> Attribution:
-        """The same method with another draw of its noise (itself for a deterministic method)."""
+    def reseeded(self, seed: Seed) -> Attribution:
+        """The same method with another draw of its noise (itself for a deterministic method): an int seeds the
+        batch's noise, a tuple of ints each row's (`robustattr.rng`)."""
         if not self.stochastic:
             return self
         other = copy.copy(self)
-        other.seed = int(seed)
+        other.seed = tuple(int(s) for s in seed) if is_per_sample(seed) else int(seed)
         return other
+
+    def for_samples(self, keys: Seed) -> Attribution:
+        """The method with each row's noise its own: row i seeded from (this method's seed, ``keys[i]``), so a
+        sample's map does not depend on the batch it is computed in. Itself for a deterministic method, or when
+        ``keys`` is not one per row."""
+        if not self.stochastic or not is_per_sample(keys):
+            return self
+        if is_per_sample(self.seed):
+            raise ValueError(f"{type(self).__name__}: the noise is already seeded per sample")
+        return self.reseeded(tuple(mix(self.seed, int(k)) for k in keys))
 
     def score(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Sum over the batch of each sample's explained score (samples are independent in eval mode)."""
@@ -132,7 +144,7 @@ class _PathAverage(Attribution):
     """Mean input-gradient over ``samples`` points built from x, evaluated ``chunk`` points at a time so that
     memory does not grow with the number of points (without ``create_graph`` each chunk's graph is freed)."""
 
-    def __init__(self, samples: int, chunk: int, output: Output, seed: int = 0) -> None:
+    def __init__(self, samples: int, chunk: int, output: Output, seed: Seed = 0) -> None:
         super().__init__(output)
         if samples < 1 or chunk < 1:
             raise ConfigError(f"{type(self).__name__}: the number of points and the chunk size must be positive")
@@ -145,7 +157,7 @@ class _PathAverage(Attribution):
         raise NotImplementedError
 
     def mean_gradient(self, model, x, target, create_graph) -> torch.Tensor:
-        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        generator = generator_for(x.device, self.seed)
         total = torch.zeros_like(x)
         for start in range(0, self.samples, self.chunk):
             stop = min(start + self.chunk, self.samples)
@@ -210,7 +222,7 @@ class SmoothGrad(_NoiseAverage):
         self.sigma = sigma
 
     def noise(self, shape, generator, x):
-        return self.sigma * torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+        return self.sigma * normal(shape, generator, x.device, x.dtype, dim=1)  # (points, samples, ...)
 
 
 class UniformGradient(_NoiseAverage):
@@ -226,4 +238,4 @@ class UniformGradient(_NoiseAverage):
         self.radius = radius
 
     def noise(self, shape, generator, x):
-        return self.radius * (2 * torch.rand(shape, generator=generator, device=x.device, dtype=x.dtype) - 1)
+        return self.radius * (2 * uniform(shape, generator, x.device, x.dtype, dim=1) - 1)  # (points, samples, ...)

@@ -17,8 +17,9 @@ import torch
 
 import robustattr
 from robustattr.audit.cache import ResultCache, code_version, data_fingerprint, fingerprint, json_safe, key_of
+from robustattr.audit.distributed import JobStopped, Shard, device_for, setup, teardown
 from robustattr.audit.loading import AuditedModel, load_model
-from robustattr.audit.progress import progress_display
+from robustattr.audit.progress import JobProgress, progress_display
 from robustattr.audit.sections import AuditData, RenderContext, Section
 from robustattr.audit.sections.base import TrainingData
 from robustattr.data.base import seeded_subset
@@ -86,6 +87,11 @@ def named_checkpoint(entry: str) -> tuple[str | None, str]:
     return None, entry
 
 
+def _note_cost(progress, label: str, result: dict) -> None:
+    if isinstance(result.get("cost"), dict):  # a section that times its parts: say what each took
+        progress.note(f"{label}: " + ", ".join(f"{part} {s:.1f} s" for part, s in result["cost"].items()))
+
+
 def run_audit(
     checkpoints: list[str],
     sections: list[Section],
@@ -112,7 +118,46 @@ def run_audit(
     ``checkpoints`` entries may read ``name=path``; ``names`` gives the names otherwise (default: the file names).
     ``tradeoff_epsilon``: the epsilon of the trade-off figure (default: where the checkpoints differ most).
     ``dtype``: the networks' precision (``bfloat16`` halves memory and time on GPUs that have it; attacks keep
-    their iterates in fp32 and metrics are computed in fp32 either way)."""
+    their iterates in fp32 and metrics are computed in fp32 either way).
+
+    Under ``torchrun --nproc_per_node N evaluate.py ...`` or ``srun`` (the environments Lightning reads), the N
+    processes run one audit: each section's samples are dealt to them in contiguous shares, each sample seeded
+    by its index, and gathered in sample order, so the numbers equal a one-process audit's; a section that
+    cannot be split (``shardable = False``: influence fitting) runs whole on one process, such jobs dealt
+    round-robin; rank 0 alone shows the progress (of the whole job) and writes the cache and the reports.
+    Other processes return ``{}``."""
+    shard, joined = setup()
+    try:
+        return _audit(shard, **{k: v for k, v in locals().items() if k not in ("shard", "joined")})
+    except JobStopped as err:
+        raise JobStopped(
+            f"{err}; the sections that finished are cached in {Path(out) / 'cache'}: the same command reuses them"
+        ) from None
+    finally:
+        if joined:
+            teardown(shard)
+
+
+def _audit(
+    shard: Shard,
+    checkpoints: list[str],
+    sections: list[Section],
+    out: str,
+    names: list[str] | None,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    split: Literal["test", "val"],
+    data: dict[str, Any] | None,
+    net: dict[str, Any] | None,
+    trusted_prefixes: list[str] | None,
+    device: str,
+    dtype: Literal["float32", "bfloat16"],
+    html: bool,
+    wandb: bool,
+    tradeoff_epsilon: float | None,
+    config: dict[str, Any] | None,
+) -> dict[str, Any]:
     if not checkpoints:
         raise ConfigError("no checkpoint to audit: pass --checkpoint A.ckpt [B.ckpt ...]")
     if num_samples < 1 or batch_size < 1:
@@ -137,7 +182,8 @@ def run_audit(
     audit_data = build_data(
         data_config, split, num_samples, batch_size, seed, source, prefixes, from_checkpoint=not data
     )
-    torch_device = torch.device(device)
+    torch_device = device_for(device, shard)
+    audit_data = replace(audit_data, shard=shard, stack_copies=torch_device.type == "cuda")
     for m in models:
         m.model.to(device=torch_device, dtype=getattr(torch, dtype))
     out_dir = Path(out)
@@ -146,7 +192,7 @@ def run_audit(
         "data": {"config": data_config, "split": split, "num_samples": num_samples, "batch_size": batch_size,
                  "seed": seed, "subset": data_fingerprint(audit_data.x, audit_data.y)},
         "code": code_version(),
-        "device": str(torch_device),
+        "device": device,  # as given: every process of a job, and a one-process audit, share the cache
         "dtype": dtype,
     }  # fmt: skip
     training: dict[str, TrainingData] = {}
@@ -160,7 +206,8 @@ def run_audit(
         )
     results: dict[str, Any] = {}
     timings: dict[str, dict[str, Any]] = {}
-    with progress_display() as progress:
+    with progress_display(quiet=not shard.main) as display:
+        progress = JobProgress(display, shard)
         for section in sections:
             if section.name in results:
                 raise ConfigError(f"the section {section.name!r} is listed twice")
@@ -168,40 +215,53 @@ def run_audit(
                 raise ConfigError(f"{type(section).__name__}: a section reading training data runs per checkpoint")
             jobs = [(None, [m.sha256 for m in models])] if section.cross_model else [(m, [m.sha256]) for m in models]
             results[section.name] = {}
+            keys = []
             for model, hashes in jobs:
-                label = section.name if model is None else f"{section.name} [{model.name}]"
                 parts = [section.name, fingerprint(section), hashes, common]
                 if section.uses_training:
                     parts.append({"training": training[model.name].config})
-                key = key_of(parts)
-                result = cache.load(section.name, key)
-                if result is not None:
+                keys.append(key_of(parts))
+            cached = [cache.load(section.name, key) for key in keys] if shard.main else [None] * len(jobs)
+            is_cached = shard.broadcast([r is not None for r in cached])  # rank 0's cache decides for the job
+            for j, (model, _) in enumerate(jobs):
+                label = section.name if model is None else f"{section.name} [{model.name}]"
+                if is_cached[j]:
                     progress.add_task(label, total=1, completed=1, cached=True)
                     timings[label] = {"seconds": 0.0, "cached": True}
-                else:
-                    task = progress.add_task(label, total=section.work(audit_data))
-                    torch.manual_seed(seed)
-                    start = time.perf_counter()
-                    if model is None:
-                        result = section.run_all(
-                            {m.name: m.model for m in models}, audit_data, lambda k, t=task: progress.advance(t, k)
-                        )
-                    else:
-                        data_for = (
-                            replace(audit_data, training=training[model.name]) if section.uses_training else audit_data
-                        )
-                        result = section.run(model.model, data_for, lambda k, t=task: progress.advance(t, k))
-                    seconds = time.perf_counter() - start
-                    cache.store(section.name, key, result, seconds)
-                    timings[label] = {"seconds": round(seconds, 3), "cached": False}
-                    if isinstance(result.get("cost"), dict):  # a section that times its parts: say what each took
-                        progress.note(
-                            f"{label}: " + ", ".join(f"{part} {s:.1f} s" for part, s in result["cost"].items())
-                        )
+                    continue
+                by_samples = section.split == "samples"
+                data_here = audit_data if by_samples else audit_data.local()
+                task = progress.add_task(label, total=section.work(data_here))
+                advance = (lambda k, t=task: progress.advance(t, k)) if by_samples else (
+                    lambda k, t=task: progress.advance_here(t, k))  # fmt: skip
+                torch.manual_seed(seed)
+                start = time.perf_counter()
                 if model is None:
-                    results[section.name] = result
+                    result = section.run_all({m.name: m.model for m in models}, data_here, advance)
                 else:
-                    results[section.name][model.name] = result
+                    data_for = replace(data_here, training=training[model.name]) if section.uses_training else data_here
+                    result = section.run(model.model, data_for, advance)
+                seconds = time.perf_counter() - start
+                progress.finish(task)
+                if shard.main:  # rank 0 alone writes the cache: finished jobs are kept if the job stops later
+                    cache.store(section.name, keys[j], result, seconds)
+                    cached[j] = result
+                    timings[label] = {"seconds": round(seconds, 3), "cached": False}
+                    if shard.distributed:
+                        timings[label]["ran_on"] = (
+                            f"{shard.world} processes, " + ("samples dealt to them" if by_samples else
+                                                            "the section's engine sharding its work")
+                        )  # fmt: skip
+                    _note_cost(progress, label, result)
+            if not shard.main:
+                continue
+            for j, (model, _) in enumerate(jobs):
+                if model is None:
+                    results[section.name] = cached[j]
+                else:
+                    results[section.name][model.name] = cached[j]
+    if not shard.main:  # rank 0 alone writes the report, the HTML and the W&B run
+        return {}
     comparisons: dict[str, list[dict[str, Any]]] = {}
     if len(models) > 1:  # every pair of checkpoints, on the per-sample values each section compares them on
         from robustattr.audit.sections.uncertainty import compare
@@ -213,6 +273,7 @@ def run_audit(
                     comparisons[section.name] = found
     report = {
         "robustattr_audit": 1,
+        "processes": {"world_size": shard.world, "launcher": shard.launcher},
         "checkpoints": [{"name": m.name, "path": str(m.path), "sha256": m.sha256} for m in models],
         "data": {"config": data_config, "split": split, "num_samples": len(audit_data.x), "seed": seed},
         "seed": seed,
@@ -226,7 +287,7 @@ def run_audit(
     if html or wandb:
         from robustattr.audit.report import write_html, write_wandb
 
-        context = RenderContext({m.name: m.model for m in models}, audit_data, training, comparisons)
+        context = RenderContext({m.name: m.model for m in models}, audit_data.local(), training, comparisons)
         figures, parts = write_html(report, sections, context, out_dir / "report.html", tradeoff_epsilon)
         if not html:
             (out_dir / "report.html").unlink()
@@ -258,5 +319,6 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
         if user_error is None:
             raise
         exit_with_error(user_error)
-    Console(highlight=False).print(f"[bold]report[/bold] {Path(kwargs.get('out', 'audit')) / 'report.json'}")
+    if report:  # rank 0 (the other processes of a job return nothing)
+        Console(highlight=False).print(f"[bold]report[/bold] {Path(kwargs.get('out', 'audit')) / 'report.json'}")
     return report

@@ -91,6 +91,64 @@ class RichProgress:
         self.progress.console.print(escape(line))
 
 
-def progress_display(stream: TextIO | None = None, every: float = 10.0) -> PlainProgress | RichProgress:
+class QuietProgress(PlainProgress):
+    """No display: the processes of a job other than rank 0."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    def _print(self, line: str) -> None:
+        return None
+
+
+def progress_display(
+    stream: TextIO | None = None, every: float = 10.0, quiet: bool = False
+) -> PlainProgress | RichProgress:
+    if quiet:
+        return QuietProgress()
     stream = stream if stream is not None else sys.stdout
     return RichProgress() if stream.isatty() else PlainProgress(stream, every)
+
+
+class JobProgress:
+    """The progress of a whole job, shown once: every process adds its finished units to the job's counter of
+    the part (`Shard.add`); rank 0's display shows the counter. Every process adds the same parts in the same
+    order, so a part's number is the same everywhere. Outside a job it is the display itself."""
+
+    def __init__(self, display: PlainProgress | RichProgress, shard) -> None:
+        self.display, self.shard = display, shard
+        self.tasks: list[dict] = []
+        self.key = f"robustattr/audit/{time.time_ns() if not shard.distributed else shard.broadcast(time.time_ns())}"
+
+    def add_task(self, label: str, total: int, completed: int = 0, cached: bool = False) -> int:
+        task = self.display.add_task(label, total=total, completed=completed, cached=cached)
+        self.tasks.append({"id": task, "total": max(1, total), "shown": completed})
+        return len(self.tasks) - 1
+
+    def advance(self, task: int, amount: int = 1) -> None:
+        t = self.tasks[task]
+        counted = self.shard.add(f"{self.key}/{task}", amount) if self.shard.distributed else None
+        now = t["shown"] + amount if counted is None else counted
+        now = min(now, t["total"])
+        if now > t["shown"]:
+            self.display.advance(t["id"], now - t["shown"])
+            t["shown"] = now
+
+    def advance_here(self, task: int, amount: int = 1) -> None:
+        """Progress that every process makes alike (a section whose engine shares the work): rank 0's counts."""
+        if self.shard.main:
+            t = self.tasks[task]
+            amount = min(amount, t["total"] - t["shown"])
+            if amount > 0:
+                self.display.advance(t["id"], amount)
+                t["shown"] += amount
+
+    def finish(self, task: int) -> None:
+        """The part is done (for the whole job: called once every process finished its share)."""
+        t = self.tasks[task]
+        if t["shown"] < t["total"]:
+            self.display.advance(t["id"], t["total"] - t["shown"])
+            t["shown"] = t["total"]
+
+    def note(self, line: str) -> None:
+        self.display.note(line)

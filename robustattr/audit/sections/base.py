@@ -13,13 +13,16 @@ import copy
 import html
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import nn
+
+from robustattr.audit.distributed import SINGLE, Shard
+from robustattr.rng import mix
 
 Progress = Callable[[int], None]
 
@@ -55,26 +58,66 @@ class TrainingData:
 
 @dataclass
 class AuditData:
+    """The audited subset and how this process goes through it.
+
+    Every sample has an index (its place in the subset) and its random numbers come from seeds that are a
+    function of (``seed``, index) only (`seeds`), so a sample's numbers do not depend on the chunk it is batched
+    in, on the batch size, or on the process of a torchrun/SLURM job that computes it. Under such a job each
+    process goes through its contiguous share of the samples (`batches`, `shard`) and sections gather what they
+    aggregate (`gather`, `cat`; torchmetrics states sync by themselves) in sample order."""
+
     x: torch.Tensor  # (N, C, H, W) in [0, 1], CPU
     y: torch.Tensor
     batch_size: int
     seed: int
     training: TrainingData | None = None  # for sections with uses_training: the audited checkpoint's training split
+    shard: Shard = SINGLE  # this process's place in the job
+    stack_copies: bool = False  # True on GPUs: a chunk keeps batch_size samples when stacked for a sweep
 
-    def batches(self, limit: int | None = None, copies: int = 1) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Chunks of the first ``limit`` samples, numbered (the seed of each chunk's randomness is seed + number).
-        ``copies``: the chunk will be stacked that many times (an epsilon sweep), so it holds ``batch_size //
-        copies`` samples and the stacked batch stays within ``batch_size`` (on a CPU, a larger batch of a
-        second-order attack costs more per sample)."""
+    def _size(self, copies: int) -> int:
+        return self.batch_size if self.stack_copies else max(1, self.batch_size // copies)
+
+    def batches(
+        self, limit: int | None = None, copies: int = 1
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(indices, x, y) chunks of this process's share of the first ``limit`` samples. ``copies``: the chunk
+        will be stacked that many times (an epsilon sweep); on a CPU it then holds ``batch_size // copies``
+        samples, so the stacked batch stays within ``batch_size`` (a larger batch of a second-order attack costs
+        more per sample there); on a GPU (``stack_copies``) it holds ``batch_size``: larger batches fill it."""
         n = len(self.x) if limit is None else min(limit, len(self.x))
-        size = max(1, self.batch_size // copies)
-        for c, start in enumerate(range(0, n, size)):
-            stop = min(start + size, n)
-            yield c, self.x[start:stop], self.y[start:stop]
+        block, size = self.shard.block(n), self._size(copies)
+        for start in range(block.start, block.stop, size):
+            stop = min(start + size, block.stop)
+            yield torch.arange(start, stop), self.x[start:stop], self.y[start:stop]
 
     def count(self, limit: int | None = None, copies: int = 1) -> int:
+        """Chunks of the whole job (every process's share)."""
         n = len(self.x) if limit is None else min(limit, len(self.x))
-        return math.ceil(n / max(1, self.batch_size // copies))
+        size = self._size(copies)
+        return sum(math.ceil(len(self.shard.block(n, r)) / size) for r in range(self.shard.world))
+
+    def local_count(self, limit: int | None = None, copies: int = 1) -> int:
+        """Chunks of this process's share."""
+        n = len(self.x) if limit is None else min(limit, len(self.x))
+        return math.ceil(len(self.shard.block(n)) / self._size(copies))
+
+    def seeds(self, index: torch.Tensor, copies: int = 1, salt: int = 0) -> tuple[int, ...]:
+        """One seed per row of ``index`` stacked ``copies`` times (copy-major, as `stacked` builds the batch):
+        row (copy e, sample i) gets mix(seed, salt, i, e). ``salt`` names an independent stream."""
+        return tuple(mix(self.seed, salt, int(i), e) for e in range(copies) for i in index.tolist())
+
+    def gather(self, items: list) -> list:
+        """Every process's ``items`` in sample order (this process's alone outside a job)."""
+        return self.shard.gather(items)
+
+    def cat(self, tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+        """``torch.cat`` of every process's per-chunk tensors, in sample order."""
+        return torch.cat(self.gather([t.detach().cpu() for t in tensors]), dim=dim)
+
+    def local(self) -> AuditData:
+        """The same data seen by one process alone (for work that only one process does: rendering, a section
+        that cannot be split)."""
+        return replace(self, shard=SINGLE)
 
 
 @dataclass
@@ -128,6 +171,10 @@ class Section:
     title = "section"
     cross_model = False
     uses_training = False  # run() reads data.training: the audited checkpoint's own training split
+    # How the processes of a torchrun/SLURM job share run(): "samples" (it goes through data.batches and gathers
+    # what it aggregates: each process runs it on its share of the samples) or "engine" (every process runs it
+    # on all samples and the engine it calls shares the work itself: the influence engine shards the training set).
+    split: Literal["samples", "engine"] = "samples"
 
     def work(self, data: AuditData) -> int:
         """Units of progress (for the progress display)."""

@@ -97,10 +97,10 @@ class CertifiedAttributions(Section):
     def work(self, data):
         return len(self.methods) * 2 * data.count(self.num_samples)
 
-    def _certify(self, model, method, x, seed, start, draws=None, target=None) -> CertifiedMap:
+    def _certify(self, model, method, x, seed, index, draws=None, target=None) -> CertifiedMap:
         return certify(
             model, x, method, self.sigma, draws or self.n, target=target, n0=self.n0 if draws is None else None,
-            alpha=self.alpha, batch_size=self.batch_size, seed=seed, index=range(start, start + len(x)),
+            alpha=self.alpha, batch_size=self.batch_size, seed=seed, index=index,
         )  # fmt: skip
 
     def run(self, model, data, progress):
@@ -118,10 +118,10 @@ class CertifiedAttributions(Section):
             name = method.short_name
             started = time.perf_counter()
             certs: list[CertifiedMap] = []
-            for _, x, _ in data.batches(self.num_samples):
-                certs.append(self._certify(model, method, x, data.seed, sum(len(c.target) for c in certs)))
+            for index, x, _ in data.batches(self.num_samples):
+                certs.append(self._certify(model, method, x, data.seed, index))  # seeded by sample index
                 progress(1)
-            cert = CertifiedMap.concatenate(certs)
+            cert = CertifiedMap.concatenate(certs)  # this process's share
             certified_s = time.perf_counter() - started
             started = time.perf_counter()
             attack = self.attacks[name]
@@ -129,14 +129,15 @@ class CertifiedAttributions(Section):
             kept = [[] for _ in self.attack_radii]
             floor = []
             offset = 0
-            for c, x, _ in data.batches(self.num_samples):
+            for index, x, _ in data.batches(self.num_samples):
                 rows = slice(offset, offset + len(x))
                 target = cert.target[rows]
-                configured = with_seed(sweep(attack, self.attack_radii, len(x)), data.seed + c)
+                configured = with_seed(sweep(attack, self.attack_radii, len(x)), data.seeds(index, copies))
                 result = configured.run(model, stacked(x, copies), stacked(target, copies))
-                moved = self._certify(model, method, result.x_adv, data.seed + 1_000_003, offset * copies,
+                moved_index = torch.cat([index * copies + e for e in range(copies)])  # (radius e, sample i)
+                moved = self._certify(model, method, result.x_adv, data.seed + 1_000_003, moved_index,
                                       self.eval_draws, stacked(target, copies))  # fmt: skip
-                again = self._certify(model, method, x, data.seed + 2_000_003, offset, self.eval_draws, target)
+                again = self._certify(model, method, x, data.seed + 2_000_003, index, self.eval_draws, target)
                 clean_maps = cert.smoothed[rows]
                 for e in range(copies):
                     part = slice(e * len(x), (e + 1) * len(x))
@@ -147,6 +148,10 @@ class CertifiedAttributions(Section):
                 floor.append(M.topk_intersection(clean_maps, again.smoothed, cert.k))
                 offset += len(x)
                 progress(1)
+            cert = CertifiedMap.concatenate(data.gather([cert]))  # every process's share, in sample order
+            empirical = [data.gather(per_radius) for per_radius in empirical]
+            kept = [data.gather(per_radius) for per_radius in kept]
+            floor = data.gather(floor)
             out["cost"][f"{name} certify"] = round(certified_s, 3)
             out["cost"][f"{name} attack"] = round(time.perf_counter() - started, 3)
             out["certified"][name] = self._entry(cert, empirical, kept, torch.cat(floor), data.seed, repr(attack))

@@ -93,17 +93,19 @@ def by_attack(methods: list[Attribution]) -> list[tuple[Attribution, list[Attrib
     return list(groups.values())
 
 
-def maps_of(method: Attribution, model, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def maps_of(method: Attribution, model, x: torch.Tensor, target: torch.Tensor, seeds=None) -> torch.Tensor:
+    """Pixel maps of ``method``; ``seeds`` (one per row): a noise-based method draws each sample's own noise."""
+    method = method.for_samples(seeds)
     with gradient_context(model):
         device = device_of(model)
         return M.pixel_map(method(model, x.to(device), target.to(device))).cpu()
 
 
-def attack_sweep(model, through: Attribution, members, attack, epsilons, x, y, seed):
+def attack_sweep(model, through: Attribution, members, attack, epsilons, x, y, seeds):
     """Attack ``through`` at every epsilon in one batched pass; per member method and epsilon, the clean and attacked
-    pixel maps, and the kept mask."""
+    pixel maps, and the kept mask. ``seeds``: one per row of the stacked batch (`AuditData.seeds`)."""
     copies = len(epsilons)
-    configured = with_seed(sweep(attack, epsilons, len(x)), seed)
+    configured = with_seed(sweep(attack, epsilons, len(x)), seeds)
     configured.attribution = through
     result = configured.run(model, stacked(x, copies), stacked(y, copies))
     kept = result.kept.cpu().chunk(copies)
@@ -112,8 +114,8 @@ def attack_sweep(model, through: Attribution, members, attack, epsilons, x, y, s
         if method is through:
             clean, adv = result.maps_clean.cpu(), result.maps_adv.cpu()
         else:
-            clean = stacked(maps_of(method, model, x, result.target[: len(x)]), copies)
-            adv = maps_of(method, model, result.x_adv, result.target)
+            clean = stacked(maps_of(method, model, x, result.target[: len(x)], seeds[: len(x)]), copies)
+            adv = maps_of(method, model, result.x_adv, result.target, seeds)
         maps[method.short_name] = list(zip(clean.chunk(copies), adv.chunk(copies), kept, strict=True))
     return maps
 
@@ -157,10 +159,11 @@ class ExplanationFragility(Section):
             }
             for m in self.methods
         }
-        for c, x, y in data.batches(self.num_samples, len(self.epsilons)):
+        for index, x, y in data.batches(self.num_samples, len(self.epsilons)):
+            seeds = data.seeds(index, len(self.epsilons))
             for attack in self.attacks:
                 for through, members in groups:
-                    swept = attack_sweep(model, through, members, attack, self.epsilons, x, y, data.seed + c)
+                    swept = attack_sweep(model, through, members, attack, self.epsilons, x, y, seeds)
                     for method, per_eps in swept.items():
                         for collection, (clean, adv, kept) in zip(metrics[method][attack.short_name], per_eps,
                                                                   strict=True):  # fmt: skip
@@ -288,13 +291,14 @@ class AttributionTransfer(Section):
         bounds = np.zeros((len(names), len(names), 2))
         for i, crafted in enumerate(self.methods):
             measured_on = [TopKIntersection(self.attack.k, per_sample=True) for _ in names]
-            for c, x, y in data.batches(self.num_samples):
-                attack = with_seed(self.attack, data.seed + c)
+            for index, x, y in data.batches(self.num_samples):
+                seeds = data.seeds(index)
+                attack = with_seed(self.attack, seeds)
                 attack.attribution = attackable(crafted)
                 result = attack.run(model, x, y)
                 for metric, measured in zip(measured_on, self.methods, strict=True):
-                    clean = maps_of(measured, model, x, result.target)
-                    adv = maps_of(measured, model, result.x_adv, result.target)
+                    clean = maps_of(measured, model, x, result.target, seeds)
+                    adv = maps_of(measured, model, result.x_adv, result.target, seeds)
                     metric.update(clean, adv, result.kept.cpu())
                 progress(1)
             matrix[i] = [float(metric.compute()) for metric in measured_on]
@@ -352,9 +356,9 @@ class SmoothingWithoutRetraining(Section):
 
     def _measure(self, model, method, attack, data, progress) -> dict[str, float]:
         collection = fragility_collection(attack.k, per_sample=True)
-        for c, x, y in data.batches(self.num_samples):
+        for index, x, y in data.batches(self.num_samples):
             ((clean, adv, kept),) = attack_sweep(model, method, [method], attack, [attack.threat.eps], x, y,
-                                                 data.seed + c)[method.short_name]  # fmt: skip
+                                                 data.seeds(index))[method.short_name]  # fmt: skip
             collection.update(maps_clean=clean, maps_adv=adv, kept=kept)
             progress(1)
         return collection_row(collection, data.seed)
@@ -374,7 +378,7 @@ class SmoothingWithoutRetraining(Section):
             attack.schedule = None  # the softplus twin is smooth: attack it directly
             rows[f"softplus_{beta:g}"] = self._measure(smooth, Saliency(), attack, data, progress)
         if not applicable:
-            progress(len(self.betas) * data.count(self.num_samples))
+            progress(len(self.betas) * data.local_count(self.num_samples))
         return {"epsilon": self.attack.threat.eps, "explanations": rows, "softplus_applicable": applicable}
 
     def paired_values(self, result):

@@ -16,6 +16,7 @@ from robustattr.audit.sections.uncertainty import ci, comparison_table, comparis
 from robustattr.errors import ConfigError
 from robustattr.metrics import PerSampleMean, top_hessian_eigenvalue
 from robustattr.metrics.intervals import auroc_interval, mean_interval, proportion_interval
+from robustattr.rng import generator_for
 from robustattr.viz import figure, grid, image_array, style
 
 
@@ -35,17 +36,17 @@ class Curvature(Section):
 
     def run(self, model, data, progress):
         norms, eigs = [], []
-        for c, x, y in data.batches(self.num_samples):
+        for index, x, y in data.batches(self.num_samples):
             with gradient_context(model):
                 device = device_of(model)
-                generator = torch.Generator(device=device).manual_seed(data.seed + c)
+                generator = generator_for(device, data.seeds(index))  # each sample's own start vector
                 norm, eig = top_hessian_eigenvalue(model, x.to(device), y.to(device), self.power_iters, generator)
             norms.append(norm.cpu())
             eigs.append(eig.cpu())
             progress(1)
 
         def stats(values: list[torch.Tensor]) -> dict:
-            t = torch.cat(values).float()
+            t = data.cat(values).float()  # every process's samples, in sample order
             q = torch.quantile(t, torch.tensor([0.1, 0.5, 0.9]))
             mean = mean_interval(t, data.seed)
             return {"mean": mean.mean, "ci": {"mean": ci(mean)}, "p10": float(q[0]), "median": float(q[1]),
@@ -111,21 +112,21 @@ class ExplainingAway(Section):
         bim = BIM(LinfBall(self.epsilon), steps=self.steps, step_size=2.5 * self.epsilon / self.steps)
         scores: dict[str, list[torch.Tensor]] = {"clean": [], "random": [], "runner_up": []}
         success = {"random": PerSampleMean(per_sample=True), "runner_up": PerSampleMean(per_sample=True)}
-        for c, x, y in data.batches(self.num_samples):
+        for index, x, y in data.batches(self.num_samples):
             logits = predict(model, x)
             pred = logits.argmax(1)
             scores["clean"].append(self._coherence(model, x, pred))
             for mode in ("random", "runner_up"):
-                target = choose_target(mode, logits, pred, torch.Generator().manual_seed(data.seed + c))
+                target = choose_target(mode, logits, pred, generator_for("cpu", data.seeds(index)))
                 x_adv = bim(model, x, y, target=target)
                 reached = predict(model, x_adv).argmax(1) == target
                 success[mode].update(reached.float())
                 scores[mode].append(self._coherence(model, x_adv[reached], target[reached]))
             progress(1)
-        clean = torch.cat(scores["clean"])
+        clean = data.cat(scores["clean"])
         out = {"epsilon": self.epsilon, "clean": {"coherence": [float(v) for v in clean]}}
         for mode in ("random", "runner_up"):
-            adv = torch.cat(scores[mode])
+            adv = data.cat(scores[mode])
             labels = np.r_[np.zeros(len(clean)), np.ones(len(adv))]
             auroc = roc_auc_score(labels, -np.r_[clean.numpy(), adv.numpy()]) if len(adv) else float("nan")
             interval = auroc_interval(-clean, -adv, data.seed)  # lower coherence: adversarial
@@ -194,7 +195,7 @@ class SemanticDirections(Section):
                 progress(1)
         finally:
             handle.remove()
-        phi = torch.cat(features)
+        phi = data.cat(features)  # every process's samples, in sample order
         gen = torch.Generator().manual_seed(data.seed)
         units = phi.var(0).argsort(descending=True)[: self.units].tolist()  # the most varied units
         directions = {f"unit {u}": torch.nn.functional.one_hot(torch.tensor(u), phi.shape[1]).float() for u in units}

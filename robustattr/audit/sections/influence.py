@@ -61,6 +61,7 @@ class InfluenceAudit(Section):
     name = "influence"
     title = "influence of training points"
     uses_training = True
+    split = "engine"  # under a job the influence engine shards the training split over the processes
 
     def __init__(
         self,

@@ -28,6 +28,7 @@ from robustattr.audit.sections.uncertainty import (
 from robustattr.metrics import PerSampleMean, RobustAccuracy, TopKIntersection
 from robustattr.metrics import functional as M
 from robustattr.metrics.intervals import Estimate, mean_interval, proportion_interval
+from robustattr.rng import generator_for, normal
 from robustattr.viz import figure, heatmap, style
 
 STYLES = ["-", "--", ":", "-."]
@@ -63,20 +64,19 @@ class RobustnessCurves(Section):
         accuracy = {name: [RobustAccuracy(per_sample=True) for _ in self.epsilons] for name in attacks}
         clean = RobustAccuracy(per_sample=True)
         copies = len(self.epsilons)
-        for c, x, y in data.batches(copies=copies):
+        for index, x, y in data.batches(copies=copies):
             clean.update(predict(model, x), y)
             for name, attack in attacks.items():
-                swept = with_seed(sweep(attack, self.epsilons, len(x)), data.seed + c)
+                swept = with_seed(sweep(attack, self.epsilons, len(x)), data.seeds(index, copies))
                 x_adv = swept(model, stacked(x, copies), stacked(y, copies))
                 for metric, logits in zip(accuracy[name], predict(model, x_adv).chunk(copies), strict=True):
                     metric.update(logits, y)
             progress(1)
-        lbfgs = LBFGS(search_steps=self.lbfgs_search_steps, max_iter=self.lbfgs_max_iter, seed=data.seed)
+        lbfgs = LBFGS(search_steps=self.lbfgs_search_steps, max_iter=self.lbfgs_max_iter)
         found, distortion = PerSampleMean(), PerSampleMean(per_sample=True)  # the median, min and max need them all
-        attempted = 0
-        for _, x, y in data.batches(self.lbfgs_samples):
-            attempted += len(x)
-            result = lbfgs.run(model, x, y)
+        attempted = min(self.lbfgs_samples, len(data.x))  # over every process's share
+        for index, x, y in data.batches(self.lbfgs_samples):
+            result = with_seed(lbfgs, data.seeds(index)).run(model, x, y)
             distortion.update(result.distortion, keep=result.success)
             found.update(result.success.float())
             progress(1)
@@ -195,12 +195,13 @@ class Transferability(Section):
         topk = [[TopKIntersection(per_sample=True) for _ in names] for _ in names]
         pgd = PGD(LinfBall(self.epsilon), steps=self.steps)
         explanation = TopKAttack(Saliency(), LinfBall(self.epsilon), steps=self.steps)
-        for c, x, y in data.batches(self.num_samples):
+        for index, x, y in data.batches(self.num_samples):
             noise_norms = []
+            seeds = data.seeds(index)
             for i, source in enumerate(names):
-                x_adv = with_seed(pgd, data.seed + c)(models[source], x, y)
+                x_adv = with_seed(pgd, seeds)(models[source], x, y)
                 noise_norms.append((x_adv - x).flatten(1).norm(dim=1))
-                result = with_seed(explanation, data.seed + c).run(models[source], x, y)
+                result = with_seed(explanation, seeds).run(models[source], x, y)
                 for j, target in enumerate(names):
                     acc[i][j].update(predict(models[target], x_adv), y)
                     with gradient_context(models[target]):
@@ -209,8 +210,7 @@ class Transferability(Section):
                         clean = M.pixel_map(Saliency()(models[target], x.to(device), pred)).cpu()
                         adv = M.pixel_map(Saliency()(models[target], result.x_adv.to(device), pred)).cpu()
                     topk[i][j].update(clean, adv)
-            gen = torch.Generator().manual_seed(data.seed + c)
-            noise = torch.randn(x.shape, generator=gen)
+            noise = normal(x.shape, generator_for("cpu", data.seeds(index, salt=1)), "cpu")
             norm = torch.stack(noise_norms).mean(0)
             x_noise = (x + noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * norm.view(-1, 1, 1, 1)).clamp(0, 1)
             for j, target in enumerate(names):

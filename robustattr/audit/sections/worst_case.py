@@ -34,6 +34,7 @@ from robustattr.errors import ConfigError
 from robustattr.metrics import MAP_METRICS
 from robustattr.metrics import functional as M
 from robustattr.metrics.intervals import Estimate, mean_interval
+from robustattr.rng import offset
 
 BUDGET_KEYS = {"steps", "restarts", "betas"}
 REPORTED = ("topk_intersection", "spearman")
@@ -143,12 +144,13 @@ class WorstCaseFragility(Section):
             attack = self.attacks[method.short_name]
             start = time.perf_counter()
             chunks: list[list[WorstCaseResult]] = [[] for _ in self.epsilons]
-            for c, x, y in data.batches(self.num_samples, copies):
-                configured = with_seed(sweep(attack, self.epsilons, len(x)), data.seed + c)
+            for index, x, y in data.batches(self.num_samples, copies):
+                configured = with_seed(sweep(attack, self.epsilons, len(x)), data.seeds(index, copies))
                 result = configured.run(model, stacked(x, copies), stacked(y, copies))
                 for e in range(copies):
                     chunks[e].append(result.select(slice(e * len(x), (e + 1) * len(x))))
                 progress(1)
+            chunks = [data.gather(per_eps) for per_eps in chunks]  # every process's chunks, in sample order
             if kinked is None:
                 from robustattr.models.activations import needs_smooth_surrogate
 
@@ -181,20 +183,21 @@ class WorstCaseFragility(Section):
 
     def _noise_floor(self, model, method: Attribution, data) -> dict[str, Any]:
         """The reported metrics between the method's own clean maps and those of an independent draw."""
-        other = method.reseeded(method.seed + 1)
         values: dict[str, list[torch.Tensor]] = {name: [] for name in REPORTED}
         with gradient_context(model):
             device = device_of(model)
-            for _, x, _ in data.batches(self.num_samples):
+            for index, x, _ in data.batches(self.num_samples):
                 x = x.to(device)
+                own = method.for_samples(data.seeds(index))  # the draw the attack's clean maps use
+                other = own.reseeded(offset(own.seed, 1))
                 with torch.no_grad():
                     target = model(x).argmax(dim=1)
-                a = M.pixel_map(method(model, x, target)).cpu()
+                a = M.pixel_map(own(model, x, target)).cpu()
                 b = M.pixel_map(other(model, x, target)).cpu()
                 k = M.default_k(*a.shape[1:])
                 for name in REPORTED:
                     values[name].append(MAP_METRICS[name].fn(a, b, k).float())
-        return {name: mean_interval(torch.cat(v), data.seed).as_dict() for name, v in values.items()}
+        return {name: mean_interval(data.cat(v), data.seed).as_dict() for name, v in values.items()}
 
     def paired_values(self, result):
         higher = MAP_METRICS
