@@ -82,8 +82,9 @@ def launch(processes: int, checkpoints: dict[str, str], config: str, device: str
     args = [str(ROOT / "evaluate.py"), "--checkpoint", *[f"{n}={p}" for n, p in checkpoints.items()],
             "--config", config, "--out", str(out), "--device", device, "--html", "false"]  # fmt: skip
     if processes > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_port", "0", *args]  # fmt: skip
+        # --standalone: a rendezvous on a free port of its own
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        command = [sys.executable, *launcher, *args]
     else:
         command = [sys.executable, *args]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}

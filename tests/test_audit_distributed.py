@@ -64,7 +64,7 @@ def _env() -> dict[str, str]:
 
 
 def _torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
 
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
@@ -100,9 +100,7 @@ def test_two_processes_give_the_numbers_of_one(checkpoints, tmp_path):
     }  # fmt: skip
     differences = _differences(timings_aside(single["results"]), timings_aside(sharded["results"]))
     assert not differences, differences[:20]
-    assert single["comparisons"] == sharded["comparisons"] or not _differences(
-        single["comparisons"], sharded["comparisons"]
-    )
+    assert not _differences(single["comparisons"], sharded["comparisons"], "comparisons")
     assert sharded["processes"] == {"world_size": 2, "launcher": "torchrun"} and single["processes"]["world_size"] == 1
     ran_on = {label: t["ran_on"] for label, t in sharded["timings"].items()}
     assert ran_on["fragility [a]"] == "2 processes, samples dealt to them"
@@ -142,7 +140,8 @@ def _rank_of(pid: int) -> int | None:
 
 
 def test_a_killed_process_ends_the_job_with_one_error_line_and_the_cache_stays_usable(checkpoints, tmp_path):
-    config = _config(tmp_path)
+    config = tmp_path / "audit.yaml"  # three sections, six (section, checkpoint) jobs
+    config.write_text(yaml.safe_dump({**TINY_AUDIT, "sections": TINY_AUDIT["sections"][:3]}))
     out = tmp_path / "killed"
     proc = subprocess.Popen(_torchrun(*_args(checkpoints, config, out)), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())  # fmt: skip
@@ -165,3 +164,51 @@ def test_a_killed_process_ends_the_job_with_one_error_line_and_the_cache_stays_u
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     timings = json.loads((out / "report.json").read_text())["timings"]
     assert sum(t["cached"] for t in timings.values()) >= 3 and not all(t["cached"] for t in timings.values())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_env(rank: int, port: int) -> dict[str, str]:
+    env = _env()
+    env.update({"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": str(rank),
+                "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0",
+                "SLURM_NODELIST": "localhost", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "audit",
+                "MASTER_PORT": str(port)})  # fmt: skip
+    return env
+
+
+def test_under_srun_the_tasks_run_one_audit(checkpoints, tmp_path):
+    """The environment srun gives its tasks (SLURM_NTASKS, SLURM_PROCID, the node list), as Lightning reads it."""
+    config = tmp_path / "audit.yaml"
+    config.write_text(yaml.safe_dump({**TINY_AUDIT, "sections": TINY_AUDIT["sections"][:2]}))
+    port = _free_port()
+    tasks = [subprocess.Popen([sys.executable, *_args(checkpoints, config, tmp_path / "srun")], cwd=ROOT,
+                              env=_slurm_env(rank, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]  # fmt: skip
+    outputs = [task.communicate(timeout=600) for task in tasks]
+    assert all(task.returncode == 0 for task in tasks), [err[-2000:] for _, err in outputs]
+    assert outputs[0][0].count("report ") == 1 and "report " not in outputs[1][0]  # rank 0 alone speaks
+    one = _run([sys.executable, *_args(checkpoints, config, tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+    sharded = json.loads((tmp_path / "srun" / "report.json").read_text())
+    single = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert sharded["processes"] == {"world_size": 2, "launcher": "slurm"}
+    differences = _differences(timings_aside(single["results"]), timings_aside(sharded["results"]))
+    assert not differences, differences[:20]
+
+
+def test_srun_tasks_without_tasks_per_node_stop_with_one_error_line(checkpoints, tmp_path):
+    env = _slurm_env(0, _free_port())
+    del env["SLURM_NTASKS_PER_NODE"]
+    proc = subprocess.run([sys.executable, *_args(checkpoints, _config(tmp_path), tmp_path / "x")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error")] == [
+        line for line in proc.stderr.splitlines() if "SLURM" in line and line.startswith("error")
+    ] and "ntasks-per-node" in proc.stderr

@@ -43,7 +43,8 @@ class PGD(IterativeAttack):
         early_stop: freeze each sample at its first successful iterate.
         seed: None (the default) draws random starts and random targets from the global RNG: fresh on every call,
             as adversarial training needs, and reproducible under ``seed_everything``. An int gives a private
-            generator: the same adversaries on every call (validation callbacks and the audit inject one per chunk).
+            generator: the same adversaries on every call (the validation callbacks inject one per chunk); one int
+            per row gives each sample its own (the audit seeds samples by index, `robustattr.rng`).
     """
 
     short_name = "pgd"

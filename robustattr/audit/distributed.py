@@ -139,7 +139,10 @@ def environment():
     if TorchElasticEnvironment.detect():
         return "torchrun", TorchElasticEnvironment()
     if SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return "slurm", SLURMEnvironment()
+        try:
+            return "slurm", SLURMEnvironment()
+        except Exception as err:  # Lightning's checks of the srun variables (e.g. --ntasks without --ntasks-per-node)
+            raise RobustAttrError(f"SLURM: {err}") from err
     return None
 
 
