@@ -1,7 +1,7 @@
 """Audit throughput: images per second of every section, with one process and with N (torchrun), in one run.
 
     python benchmarks/audit_throughput.py [--config configs/audit.yaml] [--checkpoint name=path ...]
-        [--processes 1 2] [--device cpu|cuda] [--work DIR] [--out benchmarks/results/audit_throughput.json]
+        [--epochs E] [--processes 1 2] [--device cpu|cuda] [--work DIR] [--out benchmarks/results/audit_throughput.json]
 
 The same audit (the config, both quickstart checkpoints unless ``--checkpoint`` names others) is launched as
 users launch it: ``python evaluate.py`` for one process, ``python -m torch.distributed.run --nproc_per_node N
@@ -31,21 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from worst_case_attack import _train  # both quickstart checkpoints, as the worst-case benchmark trains them
+
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = {"quickstart": "quickstart.yaml", "quickstart_reg": "quickstart_reg.yaml"}
-
-
-def _train(work: Path) -> dict[str, str]:
-    from robustattr.cli import main as train
-
-    checkpoints = {}
-    for name, config in CONFIGS.items():
-        args = ["--config", str(ROOT / "configs" / config), "--trainer.logger", "false",
-                "--trainer.default_root_dir", str(work / name), "--trainer.enable_progress_bar", "false",
-                "--trainer.callbacks", '[{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint", '
-                '"init_args": {"monitor": "val/acc", "mode": "max"}}]']  # fmt: skip
-        checkpoints[name] = train(args)["checkpoint"]
-    return checkpoints
 
 
 def _aside(value):
@@ -100,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "audit.yaml"))
     parser.add_argument("--checkpoint", nargs="*", default=None, help="name=path (default: train both quickstarts)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the configs')")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", default=None, help="folder for trained runs and audits (default: a temporary one)")
@@ -109,7 +98,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.processes = [1, *args.processes]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
-        checkpoints = dict(e.split("=", 1) for e in args.checkpoint) if args.checkpoint else _train(work / "runs")
+        if args.checkpoint:
+            checkpoints = dict(e.split("=", 1) for e in args.checkpoint)
+        else:
+            checkpoints = _train(work / "runs", args.epochs)
         runs = {n: launch(n, checkpoints, args.config, args.device, work / f"audit_{n}") for n in args.processes}
     single = runs[1][1]
     names = [s["class_path"].rsplit(".", 1)[1] for s in single["config"]["sections"]]

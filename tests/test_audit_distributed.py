@@ -18,20 +18,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_audit import TINY_AUDIT, _train, timings_aside
+from tests import test_audit
+from tests.test_audit import TINY_AUDIT, timings_aside
 
 ROOT = Path(__file__).resolve().parents[1]
+checkpoints = test_audit.checkpoints  # the two quickstart checkpoints the audit tests train (a module fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("runs")
-    return {
-        "baseline": _train("quickstart.yaml", folder / "baseline", epochs=8),
-        "ssr": _train("quickstart_reg.yaml", folder / "ssr", epochs=8),
-    }
 
 
 def _config(tmp_path: Path) -> Path:

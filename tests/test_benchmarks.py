@@ -66,3 +66,26 @@ def test_certify_cost_benchmark_runs_at_tiny_sizes(tmp_path):
         assert set(saved[key]) == {"quickstart_cnn", "resnet18_32px"} and saved[key] == report[key]
         assert all(v > 0 for v in saved[key].values())
     assert saved["draws"] == {"quickstart_cnn": 32, "resnet18_32px": 4}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_audit_throughput_benchmark_runs_one_and_two_processes(tmp_path):
+    import audit_throughput as bench
+    import yaml
+
+    config = tmp_path / "audit.yaml"
+    config.write_text(yaml.safe_dump({"num_samples": 16, "batch_size": 8, "sections": [
+        {"class_path": "robustattr.audit.RobustnessCurves",
+         "init_args": {"epsilons": [0.0313725], "steps": 2, "lbfgs_samples": 4, "lbfgs_search_steps": 1,
+                       "lbfgs_max_iter": 3}},
+        {"class_path": "robustattr.audit.Curvature", "init_args": {"power_iters": 2}},
+    ]}))  # fmt: skip
+    out = tmp_path / "audit_throughput.json"
+    argv = ["--epochs", "1", "--config", str(config), "--processes", "1", "2", "--work", str(tmp_path / "w")]
+    report = bench.main([*argv, "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["equal_results"] == {"1": True, "2": True} == report["equal_results"]
+    assert set(saved["images_per_second"]) == {"robustness", "curvature"}
+    assert all(set(v) == {"1", "2"} and all(r > 0 for r in v.values()) for v in saved["images_per_second"].values())
+    assert saved["speedup"]["1"] == 1.0 and saved["speedup"]["2"] > 0 and set(saved["total_seconds"]) == {"1", "2"}

@@ -2,6 +2,7 @@
 only, not on the batch it is attacked in, its position there or its batch-mates: what lets the audit deal its
 samples to any number of processes and batch them as each device likes with the same numbers."""
 
+import copy
 from functools import partial
 
 import pytest
@@ -180,3 +181,17 @@ def test_audit_data_deals_contiguous_shares_and_seeds_by_index():
     assert one.seeds(index, copies=2) == (mix(3, 0, 7, 0), mix(3, 0, 2, 0), mix(3, 0, 7, 1), mix(3, 0, 2, 1))
     assert one.seeds(index, salt=1) != one.seeds(index)
     assert one.local().shard.world == 1 and one.gather([1, 2]) == [1, 2]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU on this machine")
+def test_per_sample_generators_on_a_gpu_keep_results_with_the_sample(relu_net, x):
+    net, xc = copy.deepcopy(relu_net).cuda(), x.cuda()
+    y = net(xc).argmax(1)
+    attack = A.PGD(A.LinfBall(8 / 255), steps=3)
+    whole = with_seed(attack, SEEDS)(net, xc, y)
+    part = with_seed(attack, select(SEEDS, ROWS))(net, xc[ROWS], y[ROWS])
+    assert whole.device.type == "cuda"
+    torch.testing.assert_close(part, whole[ROWS], rtol=0, atol=1e-5)
+    g = SampleGenerator(SEEDS[:2], "cuda")
+    assert g.randn((2, 3)).device.type == "cuda"
