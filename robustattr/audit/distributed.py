@@ -8,7 +8,7 @@ job's process group; outside such a job it returns the single-process shard and 
 Results travel over gloo whatever the device: sections keep their per-sample results on the CPU, and the
 exchanges are a few kilobytes per chunk, so a GPU job needs no NCCL group (whose collectives would want those
 tensors on the GPU). The group's timeout is long (`TIMEOUT`): a process that finishes its share first waits for
-the others, and a section that runs on one process only (influence fitting) can take hours on ImageNet; a
+the others, and fitting the influence engine on an ImageNet training split can take hours between two exchanges; a
 process that dies is noticed at once, by its closed connection, not by the timeout.
 
 Progress goes through the job's key-value store: every process adds the chunks it finished to a counter per

@@ -122,10 +122,10 @@ def run_audit(
 
     Under ``torchrun --nproc_per_node N evaluate.py ...`` or ``srun`` (the environments Lightning reads), the N
     processes run one audit: each section's samples are dealt to them in contiguous shares, each sample seeded
-    by its index, and gathered in sample order, so the numbers equal a one-process audit's; a section that
-    cannot be split (``shardable = False``: influence fitting) runs whole on one process, such jobs dealt
-    round-robin; rank 0 alone shows the progress (of the whole job) and writes the cache and the reports.
-    Other processes return ``{}``."""
+    by its index, and gathered in sample order, so the numbers equal a one-process audit's; a section whose
+    engine shares the work itself (``split = "engine"``: the influence section, whose engine shards the training
+    set) runs on every process; rank 0 alone shows the progress (of the whole job) and writes the cache and the
+    reports. Other processes return ``{}``."""
     shard, joined = setup()
     try:
         return _audit(shard, **{k: v for k, v in locals().items() if k not in ("shard", "joined")})

@@ -23,10 +23,17 @@ def shard(n: int) -> torch.Tensor:
     return torch.arange(dist.get_rank(), n, dist.get_world_size())
 
 
+def _comm_device() -> torch.device:
+    """Where the process group's collectives take their tensors: the current GPU for NCCL (Lightning's DDP on
+    GPUs), the CPU for gloo (CPU DDP, and the sharded audit, whose group is gloo whatever the device)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if active():
-        t = t.contiguous()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        moved = t.to(_comm_device()).contiguous()
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        t = moved.to(t.device)
     return t
 
 
@@ -42,11 +49,13 @@ def gather_rows(local: torch.Tensor, indices: torch.Tensor, n: int) -> torch.Ten
     padded[: len(local)] = local
     index = torch.full((size,), -1, dtype=torch.long, device=local.device)
     index[: len(indices)] = indices.to(local.device)
+    comm = _comm_device()
+    padded, index = padded.to(comm), index.to(comm)
     rows = [torch.empty_like(padded) for _ in range(world)]
     where = [torch.empty_like(index) for _ in range(world)]
     dist.all_gather(rows, padded)
     dist.all_gather(where, index)
-    rows, where = torch.cat(rows), torch.cat(where)
+    rows, where = torch.cat(rows).to(local.device), torch.cat(where).to(local.device)
     keep = where >= 0
     out = local.new_zeros((n, *local.shape[1:]))
     out[where[keep]] = rows[keep]
@@ -56,7 +65,7 @@ def gather_rows(local: torch.Tensor, indices: torch.Tensor, n: int) -> torch.Ten
 def all_reduce_max(value: int) -> int:
     if not active():
         return value
-    t = torch.tensor([value])
+    t = torch.tensor([value], device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t)
 
@@ -65,10 +74,11 @@ def all_gather_varying(local: torch.Tensor, size: int) -> list[torch.Tensor]:
     """Every process's ``local`` (at most ``size`` rows), in rank order."""
     if not active():
         return [local]
-    padded = local.new_zeros((size, *local.shape[1:]))
-    padded[: len(local)] = local
-    counts = [torch.zeros(1, dtype=torch.long) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, torch.tensor([len(local)]))
+    comm = _comm_device()
+    padded = local.new_zeros((size, *local.shape[1:]), device=comm)
+    padded[: len(local)] = local.to(comm)
+    counts = [torch.zeros(1, dtype=torch.long, device=comm) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([len(local)], device=comm))
     rows = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(rows, padded)
-    return [r[: int(c)] for r, c in zip(rows, counts, strict=True)]
+    return [r[: int(c)].to(local.device) for r, c in zip(rows, counts, strict=True)]
