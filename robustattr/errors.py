@@ -87,12 +87,16 @@ def _rank_and_world() -> tuple[int, int]:
 def exit_with_error(err: BaseException, status: int = 1) -> NoReturn:
     """Print ``error: <message>`` on stderr and exit with ``status``, without a traceback. In a distributed run
     each process prints its own error prefixed with its rank, except a ``collective`` error, which all processes
-    share and only global rank 0 prints."""
+    share and only global rank 0 prints, or the one process its ``speaks`` names (a job that lost a process, maybe
+    rank 0)."""
     from rich.console import Console
     from rich.markup import escape
 
     rank, world = _rank_and_world()
-    if not (getattr(err, "collective", False) and rank != 0):
+    speaks = getattr(err, "speaks", None)  # True/False: the job chose the process that says it
+    if speaks is None:
+        speaks = not (getattr(err, "collective", False) and rank != 0)
+    if speaks:
         where = f" (rank {rank})" if world > 1 and not getattr(err, "collective", False) else ""
         Console(stderr=True, highlight=False).print(
             f"[bold red]error{where}:[/bold red] {escape(one_line(err))}", soft_wrap=True

@@ -132,7 +132,8 @@ def _rank_of(pid: int) -> int | None:
     return None
 
 
-def test_a_killed_process_ends_the_job_with_one_error_line_and_the_cache_stays_usable(checkpoints, tmp_path):
+@pytest.mark.parametrize("killed", [1, 0])
+def test_a_killed_process_ends_the_job_with_one_error_line_and_the_cache_stays_usable(checkpoints, tmp_path, killed):
     config = tmp_path / "audit.yaml"  # three sections, six (section, checkpoint) jobs
     config.write_text(yaml.safe_dump({**TINY_AUDIT, "sections": TINY_AUDIT["sections"][:3]}))
     out = tmp_path / "killed"
@@ -142,8 +143,8 @@ def test_a_killed_process_ends_the_job_with_one_error_line_and_the_cache_stays_u
     while time.monotonic() < deadline and len(list((out / "cache").glob("*.json"))) < 3:
         time.sleep(0.2)  # until three (section, checkpoint) results are cached
     workers = {_rank_of(p): p for p in _children(proc.pid)}
-    assert 1 in workers, workers
-    os.kill(workers[1], signal.SIGKILL)
+    assert killed in workers, workers
+    os.kill(workers[killed], signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0
     ours = [line for line in (stdout + stderr).splitlines() if line.startswith("error")]

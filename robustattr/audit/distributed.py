@@ -38,6 +38,7 @@ class JobStopped(RobustAttrError):
     only rank 0 prints it (`robustattr.errors.exit_with_error`)."""
 
     collective = True
+    speaks: bool | None = None  # set by the job: True on the one process that says it (`Shard.claim`)
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,15 @@ class Shard:
     def barrier(self) -> None:
         if self.distributed:
             _collective(dist.barrier)
+
+    def claim(self, key: str) -> bool:
+        """True for the first process of the job to claim ``key`` (through the job's store); without a store
+        (rank 0's process hosted it and is gone), rank 0 claims it, or every other process where rank 0 is gone."""
+        try:
+            counted = self.add(key, 1)
+        except JobStopped:
+            return True  # the store died with the process that hosted it: rank 0, so no other would speak
+        return self.main if counted is None else counted == 1
 
     def add(self, key: str, amount: int) -> int | None:
         """Add ``amount`` to the job's counter ``key``; its new value (None without a job store)."""

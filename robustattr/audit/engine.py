@@ -130,9 +130,11 @@ def run_audit(
     try:
         return _audit(shard, **{k: v for k, v in locals().items() if k not in ("shard", "joined")})
     except JobStopped as err:
-        raise JobStopped(
+        stopped = JobStopped(
             f"{err}; the sections that finished are cached in {Path(out) / 'cache'}: the same command reuses them"
-        ) from None
+        )
+        stopped.speaks = shard.claim("robustattr/audit/stopped")  # one process of the job says it, whichever died
+        raise stopped from None
     finally:
         if joined:
             teardown(shard)
