@@ -92,7 +92,8 @@ def test_noise_based_attributions_give_each_sample_its_own_noise(smooth_net, x):
         torch.testing.assert_close(part, whole[ROWS], rtol=1e-5, atol=1e-7)
         shared = method(smooth_net, x, target)  # one int seed: the noise belongs to the batch
         assert not torch.allclose(method(smooth_net, x[ROWS], target[ROWS]), shared[ROWS])
-    assert Saliency().for_samples(SEEDS) is not None  # deterministic: itself
+    saliency = Saliency()
+    assert saliency.for_samples(SEEDS) is saliency  # deterministic: itself
     with pytest.raises(ValueError, match="already seeded per sample"):
         SmoothGrad().for_samples(SEEDS).for_samples(SEEDS)
 

@@ -78,10 +78,6 @@ class Shard:
         _collective(dist.broadcast_object_list, box, src=src)
         return box[0]
 
-    def barrier(self) -> None:
-        if self.distributed:
-            _collective(dist.barrier)
-
     def claim(self, key: str) -> bool:
         """True for the first process of the job to claim ``key`` (through the job's store); without a store
         (rank 0's process hosted it and is gone), rank 0 claims it, or every other process where rank 0 is gone."""
