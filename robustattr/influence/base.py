@@ -35,7 +35,11 @@ from torch.func import functional_call, grad, vmap
 from robustattr.errors import ConfigError, NonFiniteError
 from robustattr.influence import distributed as D
 from robustattr.influence.data import TrainingSet
+from robustattr.influence.layers import Batch, LayerGradients, LayerUnsupported, layer_gradients
 from robustattr.influence.scope import Scope, ScopeSpec, resolve_scope
+
+PerSample = Literal["auto", "layers", "torch.func"]
+PER_SAMPLE = ("auto", "layers", "torch.func")
 
 
 @dataclass
@@ -77,10 +81,15 @@ class Influence:
     ``scope``: "last" (the last Linear layer, default), "all", or a list of module names (robustattr.influence.
     scope). ``damping``: added to the curvature (Koh & Liang: 0.01). ``batch_size``: training points per streamed
     batch. ``dtype``: the precision of gradients and curvature (default float32; the exact reference uses
-    float64). Use: ``backend.fit(model, training_set)`` then ``scores``, ``self_influence``, ``top_k``,
-    ``input_gradient``."""
+    float64). ``per_sample``: how per-sample gradients are formed: "auto" (default) takes the layer path of
+    `robustattr.influence.layers` (one batched backward; norms and dot products without per-sample gradients) where
+    the scope is made of Linear, Conv2d and eval-mode BatchNorm layers and it agrees with torch.func on the first
+    training points, torch.func otherwise; "layers" insists on it; "torch.func" never takes it. Results record the
+    path under ``settings["per_sample"]``. Use: ``backend.fit(model, training_set)`` then ``scores``,
+    ``self_influence``, ``top_k``, ``input_gradient``."""
 
     name = "influence"
+    streams_gradients = True  # False: the backend forms no per-sample gradients of its own (EK-FAC: kronfluence)
     exclude_norm = False
     kinds: tuple = ()
 
@@ -90,11 +99,17 @@ class Influence:
         damping: float = 0.01,
         batch_size: int = 128,
         dtype: torch.dtype | str = torch.float32,
+        per_sample: PerSample = "auto",
     ) -> None:
         if damping < 0:
             raise ConfigError(f"{type(self).__name__}: damping must be >= 0, got {damping}")
         if batch_size < 1:
             raise ConfigError(f"{type(self).__name__}: batch_size must be positive, got {batch_size}")
+        if per_sample not in PER_SAMPLE:
+            raise ConfigError(f"{type(self).__name__}: per_sample must be one of {PER_SAMPLE}, got {per_sample!r}")
+        self.per_sample = per_sample
+        self.layers: LayerGradients | None = None
+        self.per_sample_path = "unfitted"
         self.scope_spec = scope
         self.damping = float(damping)
         self.batch_size = batch_size
@@ -115,8 +130,30 @@ class Influence:
         for p in self.model.parameters():  # gradients flow to the scope only
             p.requires_grad_(id(p) in inside)
         self._check_fits(*train.example())
+        self.layers, self.per_sample_path = layer_gradients(self.model, self.scope, self.per_sample)
+        if not self.streams_gradients:
+            self.layers, self.per_sample_path = None, self.name
+        if self.layers is not None and self.per_sample == "auto":
+            self._verify_layers()
         self._fit()
         return self
+
+    def _verify_layers(self) -> None:
+        """The layer path against torch.func on the first training points: a model whose samples interact or whose
+        scoped layers are reused in ways `unsupported` cannot see falls back to torch.func (recorded in settings)."""
+        x, y = self.train.tensors(range(min(2, len(self.train))))
+        try:
+            fast = self.gradients(x, y)
+        except LayerUnsupported as err:
+            self.layers, self.per_sample_path = None, f"torch.func ({err})"
+            return
+        layers, self.layers = self.layers, None
+        slow = self.gradients(x, y)
+        tolerance = 1e-4 if self.dtype in (torch.float32, torch.float64) else 5e-2
+        if (fast - slow).norm() > tolerance * slow.norm().clamp_min(torch.finfo(slow.dtype).tiny):
+            self.per_sample_path = "torch.func (the layer path disagreed with it on this model)"
+        else:
+            self.layers = layers
 
     def fit_checkpoint(self, path: str, trusted_prefixes: tuple[str, ...] = (), num_workers: int = 0) -> Influence:
         """`fit` on a train.py checkpoint: its network (read with ``weights_only=True`` through the trusted-imports
@@ -139,7 +176,8 @@ class Influence:
         return 1.0 / len(self.train)
 
     def settings(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size, "dtype": str(self.dtype).removeprefix("torch.")}
+        return {"batch_size": self.batch_size, "dtype": str(self.dtype).removeprefix("torch."),
+                "per_sample": self.per_sample_path}  # fmt: skip
 
     def _result(self, values: torch.Tensor) -> InfluenceScores:
         if not torch.isfinite(values).all():
@@ -188,8 +226,12 @@ class Influence:
         return [named[name] for name in self.scope.names]
 
     def gradients(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
-        """Per-sample gradients of the cross-entropy over the scope, (B, P), batched with torch.func."""
+        """Per-sample gradients of the cross-entropy over the scope, (B, P): from one batched forward and backward
+        where the scope is made of Linear, Conv2d and BatchNorm layers (`robustattr.influence.layers`), batched with
+        torch.func otherwise (and where ``x`` requires a gradient of its own)."""
         model = self.model if model is None else model
+        if self.layers is not None and not x.requires_grad:
+            return self.capture(x, y, model).dense().to(self.dtype)
         params = {name: p.detach() for name, p in zip(self.scope.names, self._scope_parameters(model), strict=True)}
 
         def loss(p, xi, yi):
@@ -199,6 +241,11 @@ class Influence:
         y = y.to(self.device)
         g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
         return torch.cat([g[name].reshape(len(x), -1) for name in self.scope.names], 1).to(self.dtype)
+
+    def capture(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module | None = None) -> Batch:
+        """The scoped layers' inputs and output gradients for a batch (the layer path; see `layers`)."""
+        model = self.model if model is None else model
+        return self.layers.capture(model, x.to(self.device, self.dtype), y.to(self.device))
 
     def query_vectors(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``(H + damping I)^{-1} grad L(z_q)`` per query, (Q, P)."""

@@ -69,6 +69,7 @@ class EKFACInfluence(Influence):
     absolute, in the units of the average Fisher (as for the other backends)."""
 
     name = "ekfac"
+    streams_gradients = False
     exclude_norm = True
     kinds = (nn.Linear, nn.Conv2d)
 

@@ -4,8 +4,13 @@
 
 with lr_i the learning rate checkpoint i was being trained at, read from its optimizer state. Positive = helpful
 (a proponent), as for the influence functions; its scale is TracIn's own (no Hessian, no 1/n). Self-influence
-``sum_i lr_i |grad l(w_i, z)|^2`` flags mislabelled and rare examples. Per-sample gradients are batched with
-torch.func (one vectorised pass per batch and checkpoint), not a loop over samples.
+``sum_i lr_i |grad l(w_i, z)|^2`` flags mislabelled and rare examples.
+
+Where the scope is made of Linear, Conv2d and BatchNorm layers (the default last layer above all), self-influence,
+gradient norms and scores come from each layer's inputs and output gradients (`robustattr.influence.layers`): for
+the last layer one forward pass per batch and checkpoint and no backward, ``|grad l|^2 = |p - y|^2 (|h|^2 + 1)``
+and ``grad l(z_q) . grad l(z) = ((p_q - y_q) . (p - y)) (h_q . h + 1)``; no per-sample gradient is formed. Other
+scopes batch per-sample gradients with torch.func (one vectorised pass per batch and checkpoint).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from torch import nn
 
 from robustattr.checkpoint import check_finite, checkpoint_config, classifier_from_checkpoint
 from robustattr.errors import ConfigError, RobustAttrError
-from robustattr.influence.base import Influence
+from robustattr.influence.base import Influence, InfluenceScores, PerSample, ce_per_sample
 from robustattr.models.weights import load_weights, safe_torch_load
 
 
@@ -49,8 +54,9 @@ class TracIn(Influence):
         batch_size: int = 128,
         dtype: torch.dtype | str = torch.float32,
         trusted_prefixes: Sequence[str] = (),
+        per_sample: PerSample = "auto",
     ) -> None:
-        super().__init__(scope, 0.0, batch_size, dtype)
+        super().__init__(scope, 0.0, batch_size, dtype, per_sample)
         self.checkpoints = [str(c) for c in checkpoints]
         if len(self.checkpoints) < 2:
             raise ConfigError(
@@ -113,6 +119,49 @@ class TracIn(Influence):
         """TracIn has no Hessian: each checkpoint's block of the vector is weighted by its learning rate."""
         blocks = vectors.split(self.scope.size, dim=1)
         return torch.cat([lr * b for lr, b in zip(self.learning_rates, blocks, strict=True)], 1)
+
+    # ---------------------------------------------------------------------------- the layer path (factored)
+    def scores(self, x: torch.Tensor, y: torch.Tensor) -> InfluenceScores:
+        if self.layers is None:
+            return super().scores(x, y)
+        self._require_fitted()
+        self._check_fits(x, y)
+        queries = [self.capture(x, y, model) for model in self.models]  # the queries' factors, once per checkpoint
+
+        def rows(xb, yb):
+            return sum(lr * self.capture(xb, yb, m).dots(q) for lr, m, q in zip(self.learning_rates, self.models,
+                                                                                  queries, strict=True)).T  # fmt: skip
+
+        return self._result(self._per_training_point(rows, len(x)).T.contiguous().to(self.dtype))
+
+    def _self_rows(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """(B,): ``sum_i lr_i |grad l(w_i, z)|^2`` from the layers' factors."""
+        return sum(lr * self.capture(xb, yb, m).squared_norms() for lr, m in zip(self.learning_rates, self.models,
+                                                                                   strict=True))  # fmt: skip
+
+    def self_influence(self) -> InfluenceScores:
+        if self.layers is None:
+            return super().self_influence()
+        self._require_fitted()
+        values = self._per_training_point(lambda xb, yb: self._self_rows(xb, yb).unsqueeze(1), 1)[:, 0]
+        return self._result(values.contiguous().to(self.dtype))
+
+    def training_signals(self) -> dict[str, torch.Tensor]:
+        """As `Influence.training_signals`, in one pass over the training set on the layer path (the gradient-norm
+        signal is the square root of the self-influence there)."""
+        if self.layers is None:
+            return super().training_signals()
+        self._require_fitted()
+
+        def rows(xb, yb):
+            with torch.no_grad():
+                loss = ce_per_sample(self.model(xb.to(self.device, self.dtype)), yb.to(self.device))
+            own = self._self_rows(xb, yb)
+            return torch.stack([own.to(loss.dtype), loss], 1)
+
+        values = self._per_training_point(rows, 2).to(self.dtype)
+        own = self._result(values[:, 0].contiguous()).values
+        return {"self_influence": own, "loss": values[:, 1].contiguous(), "gradient_norm": own.sqrt()}
 
     def _weighted_norm(self, g):
         """TracIn's gradient-norm signal: ``sqrt(sum_i lr_i |grad l(w_i, z)|^2)`` over the checkpoints."""
