@@ -10,7 +10,8 @@ Writes benchmarks/results/influence_cost.json with, at the top level:
   both the median of ``--repeats`` whole runs (construction, checkpoint loading, fit, scores) in one process;
 - monitor_over_epoch_32px: SelfInfluenceMonitor's printed time over the last training epoch, as train.py prints it,
   on CIFAR-shaped digits (``image_size: 32, channels: 3``, 10% planted flips, SmallCNN, Adam, the quickstart's
-  batches), the median over the epochs it ran (target <= 0.10);
+  batches), the median over the epochs it ran (target <= 0.10); forward_pass_over_epoch_32px: its floor, one plain
+  eval forward pass over the training split at the same batch size, over the same epoch;
 - tracin_seconds_per_1k_resnet18_32px: TracIn self-influence (3 checkpoints, last layer) of the CIFAR ResNet-18 on
   the same 32x32 RGB digits, seconds per 1000 training points on the whole split, with
   ``tracin_resnet18_growth_quarter_to_full`` (linear: 4);
@@ -89,8 +90,18 @@ def monitor_epochs(epochs: int) -> dict:
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor])  # fmt: skip
     trainer.fit(model, datamodule=dm)
+    # the floor: one plain forward pass over the training split in eval mode at the same batch size, nothing else
+    x, _ = TrainingSet.from_datamodule(dm).tensors()
+    net = model.net.eval()
+    start = time.perf_counter()
+    with torch.no_grad():
+        for xb in x.split(dm.eval_batch_size):
+            net(xb)
+    forward = time.perf_counter() - start
+    epochs = sorted(e for _, e in seconds)
     shares.sort()
-    return {"share": shares[len(shares) // 2], "monitor_and_epoch_seconds": seconds}
+    return {"share": shares[len(shares) // 2], "monitor_and_epoch_seconds": seconds,
+            "forward_over_epoch": forward / epochs[len(epochs) // 2], "forward_seconds": forward}  # fmt: skip
 
 
 def resnet_tracin(fraction: float, folder: str) -> float:
@@ -205,6 +216,7 @@ def main() -> None:
     result = {
         "tracin_self_influence_vs_captum_batched": seconds["tracin"] / seconds["captum_batched"],
         "monitor_over_epoch_32px": monitor["share"],
+        "forward_pass_over_epoch_32px": monitor["forward_over_epoch"],
         "tracin_seconds_per_1k_resnet18_32px": resnet_full / n_full * 1000,
         "tracin_resnet18_growth_quarter_to_full": resnet_full / resnet_quarter,
         "tracin_self_influence_vs_captum": seconds["tracin"] / seconds["captum"],
@@ -215,6 +227,7 @@ def main() -> None:
         "seconds": seconds,
         "seconds_quarter": quarter,
         "monitor_and_epoch_seconds_32px": monitor["monitor_and_epoch_seconds"],
+        "forward_pass_seconds_32px": monitor["forward_seconds"],
         "resnet18_tracin_seconds": {"full": resnet_full, "quarter": resnet_quarter, "points": [n_full, n_quarter]},
         "setup": {"model": "SmallCNN (quickstart, 67754 parameters)", "training_points": len(train),
                   "tracin": "3 checkpoints, last layer", "ekfac": "every Linear and Conv2d layer",
