@@ -251,6 +251,77 @@ def test_the_monitor_scores_are_last_layer_tracin_self_influence():
     torch.testing.assert_close(norms.double(), reference.pow(2).sum(1), rtol=1e-5, atol=1e-8)
 
 
+class _CountingSet(torch.utils.data.Dataset):
+    """A dataset that counts its reads (an image folder's decoding)."""
+
+    def __init__(self, x, y):
+        self.x, self.y, self.reads = x, y, 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.x[i], self.y[i]
+
+
+def test_the_monitor_reads_the_split_once_per_fit_and_its_scores_do_not_change():
+    """Later runs reuse the images the first read (no decoding); the scores equal those of a pass that streams
+    from the loader; another shard, another DataModule, a new fit or a cache too small reads again."""
+    from robustattr.callbacks import SelfInfluenceMonitor
+    from robustattr.models import SmallCNN
+
+    torch.manual_seed(0)
+    module = SmallCNN(width=4).eval()
+    module.device, module.dtype = torch.device("cpu"), torch.float32
+    data = _CountingSet(torch.rand(11, 1, 8, 8), torch.randint(0, 10, (11,)))
+    datamodule, local = object(), torch.arange(11)
+    monitor = SelfInfluenceMonitor(batch_size=4)
+    split = monitor._split(datamodule, data, local, 0, 4)
+    reads = data.reads
+    assert split is not None and reads == 11 + 1  # the split, and one image to size it
+    assert monitor._split(datamodule, data, local, 0, 4) is not None and data.reads == reads  # no read at all
+    cached = monitor._squared_norms(module, data, local, 0, 4, split)
+    streamed = monitor._squared_norms(module, data, local, 0, 4)
+    torch.testing.assert_close(cached, streamed, rtol=0, atol=0)
+    reads = data.reads
+    monitor._split(datamodule, data, local[:5], 0, 4)  # another shard
+    monitor._split(object(), data, local[:5], 0, 4)  # another DataModule
+    assert data.reads == reads + 2 * (5 + 1)
+    monitor.on_fit_start(None, module)
+    assert monitor._cache is None
+    small = SelfInfluenceMonitor(cache_bytes=11 * 64 * 4 - 1)  # one byte short of the split
+    assert small._split(datamodule, data, local, 0, 4) is None and small._cache is None
+    assert SelfInfluenceMonitor(cache_bytes=0)._split(datamodule, data, local, 0, 4) is None
+    with pytest.raises(ConfigError, match="cache_bytes"):
+        SelfInfluenceMonitor(cache_bytes=-1)
+
+
+def test_the_monitors_cpu_batches_keep_the_largest_activation_within_its_budget():
+    """On a CPU the default batch holds at most 8 MiB of the largest activation (32 channels at 32x32 in float32:
+    128 KiB an image, so 64), never more than eval_batch_size and never fewer than 16; a batch_size given wins."""
+    from types import SimpleNamespace
+
+    from robustattr.callbacks import SelfInfluenceMonitor
+    from robustattr.models import SmallCNN
+
+    def size(side, channels=3, eval_batch_size=256, **kwargs):
+        module = SmallCNN(in_channels=channels).train()
+        module.device, module.dtype = torch.device("cpu"), torch.float32
+        data = torch.utils.data.TensorDataset(torch.rand(2, channels, side, side), torch.zeros(2, dtype=torch.long))
+        before = {k: v.clone() for k, v in module.state_dict().items()}
+        found = SelfInfluenceMonitor(**kwargs)._default_batch_size(
+            module, SimpleNamespace(eval_batch_size=eval_batch_size), data, torch.arange(2)
+        )
+        assert module.training and all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+        return found
+
+    assert size(32) == 64
+    assert size(8, channels=1) == 256 and size(8, channels=1, eval_batch_size=48) == 48
+    assert size(128) == 16  # 2 MiB an image: the floor
+    assert size(32, eval_batch_size=8) == 8
+
+
 @pytest.mark.slow
 def test_the_monitor_logs_the_flips_while_training_and_leaves_the_run_unchanged(tmp_path):
     """On the noisy quickstart the monitor's top 10% holds most of the flips after a few epochs, its W&B table holds
