@@ -7,7 +7,8 @@ Writes benchmarks/results/influence_cost.json with, at the top level:
 - tracin_self_influence_vs_captum_batched: our TracIn self-influence over Captum TracInCP's batched hook mode
   (sample_wise_grads_per_batch=True) on the same work (3 checkpoints, the last layer, every training point)
   (target <= 0.5); tracin_self_influence_vs_captum: the same against Captum's default per-sample loop (<= 0.2);
-  both the median of ``--repeats`` whole runs (construction, checkpoint loading, fit, scores) in one process;
+  both the median over ``--rounds`` interleaved rounds (tracin, captum, captum_batched, again) of the median of
+  ``--repeats`` whole runs (construction, checkpoint loading, fit, scores) in one process;
 - monitor_over_epoch_32px: SelfInfluenceMonitor's printed time over the last training epoch, as train.py prints it,
   on CIFAR-shaped digits (``image_size: 32, channels: 3``, 10% planted flips, SmallCNN, Adam, the quickstart's
   batches), the median over the epochs it ran (target <= 0.10); forward_pass_over_epoch_32px: its floor, one plain
@@ -192,6 +193,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "influence_cost.json"))
     parser.add_argument("--repeats", type=int, default=5, help="whole runs of each fast part; the median is kept")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the fast parts")
     parser.add_argument("--monitor_epochs", type=int, default=4)
     args = parser.parse_args()
     folder = Path(args.out).parent / "influence_cost_checkpoints"
@@ -199,9 +201,19 @@ def main() -> None:
     net, train = setup()
     paths = checkpoints(net, train, folder)
     seconds, rss = {}, {}
-    for name in ("epoch", "tracin", "captum", "captum_batched", "ekfac_self", "ekfac_pairwise"):
-        repeats = args.repeats if name in ("tracin", "captum", "captum_batched") else 1
-        seconds[name], rss[name] = measure(name, folder, repeats=repeats)
+    # the fast parts in interleaved rounds (a slow spell of this shared machine then hits both sides of a ratio),
+    # each round a fresh process of `repeats` whole runs; the median of the rounds' medians is kept
+    fast = ("tracin", "captum", "captum_batched")
+    rounds = {name: [] for name in fast}
+    for _ in range(args.rounds):
+        for name in fast:
+            value, rss[name] = measure(name, folder, repeats=args.repeats)
+            rounds[name].append(value)
+    for name in ("epoch", *fast, "ekfac_self", "ekfac_pairwise"):
+        if name in fast:
+            seconds[name] = sorted(rounds[name])[len(rounds[name]) // 2]
+        else:
+            seconds[name], rss[name] = measure(name, folder, repeats=1)
         print(f"{name:16s} {seconds[name]:8.2f} s  peak {rss[name]:7.0f} MB", flush=True)
     quarter = {name: measure(name, folder, 0.25, args.repeats if name == "tracin" else 1)[0]
                for name in ("tracin", "ekfac_self")}  # fmt: skip
@@ -226,12 +238,14 @@ def main() -> None:
         "growth_quarter_to_full": {name: seconds[name] / quarter[name] for name in quarter},
         "seconds": seconds,
         "seconds_quarter": quarter,
+        "fast_part_rounds_seconds": rounds,
         "monitor_and_epoch_seconds_32px": monitor["monitor_and_epoch_seconds"],
         "forward_pass_seconds_32px": monitor["forward_seconds"],
         "resnet18_tracin_seconds": {"full": resnet_full, "quarter": resnet_quarter, "points": [n_full, n_quarter]},
         "setup": {"model": "SmallCNN (quickstart, 67754 parameters)", "training_points": len(train),
                   "tracin": "3 checkpoints, last layer", "ekfac": "every Linear and Conv2d layer",
-                  "repeats": args.repeats, "monitor": "SmallCNN(in_channels=3), digits 32x32 RGB, 10% flips, Adam",
+                  "repeats": args.repeats, "rounds": args.rounds,
+                  "monitor": "SmallCNN(in_channels=3), digits 32x32 RGB, 10% flips, Adam",
                   "resnet18": "robustattr.models.ResNet18(in_channels=3), 11.2M parameters, batch 64"},
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": torch.get_num_threads()},
     }  # fmt: skip
